@@ -1,0 +1,1 @@
+"""Benchmarks, tiny-model builders and integrations (installed as ``tokenprune.eval``)."""

@@ -1,0 +1,120 @@
+"""Tiny and mid-size LLaVA-1.5 models of the real transformers classes, built offline from configs.
+
+Used by the tests, the micro-benchmark and the embedded default checkpoint. Weights are random
+unless a trained checkpoint is loaded.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+
+IMAGE_TOKEN = "<image>"
+SPECIAL = ["<pad>", "<s>", "</s>", "[UNK]", IMAGE_TOKEN]
+WORDS = ("user assistant what is in the image describe colour color shape red green blue yellow circle "
+         "square triangle left right how many one two three four yes no a an of on there picture this "
+         "object objects count big small is are").split()
+
+
+def llava_config(*, image_size: int = 112, patch_size: int = 14, vision_layers: int = 4,
+                 vision_hidden: int = 32, vision_heads: int = 4, llm_layers: int = 3,
+                 llm_hidden: int = 64, llm_heads: int = 4, llm_kv_heads: int = 2,
+                 vocab_size: int = 256, image_token_id: int = 4, select_strategy: str = "default",
+                 feature_layer: int = -2, attn_implementation: str = "sdpa"):
+    """A LlavaConfig with a CLIP vision tower and a Llama LLM; (image_size/patch_size)^2 tokens."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    vision = CLIPVisionConfig(
+        hidden_size=vision_hidden, intermediate_size=vision_hidden * 4, num_hidden_layers=vision_layers,
+        num_attention_heads=vision_heads, image_size=image_size, patch_size=patch_size, projection_dim=vision_hidden)
+    text = LlamaConfig(
+        hidden_size=llm_hidden, intermediate_size=llm_hidden * 2, num_hidden_layers=llm_layers,
+        num_attention_heads=llm_heads, num_key_value_heads=llm_kv_heads, vocab_size=vocab_size,
+        max_position_embeddings=4096, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=image_token_id,
+                      vision_feature_layer=feature_layer, vision_feature_select_strategy=select_strategy,
+                      pad_token_id=0)
+    cfg._attn_implementation = attn_implementation
+    return cfg
+
+
+def build_llava(seed: int = 0, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa",
+                **kw: Any):
+    """A random tiny ``LlavaForConditionalGeneration`` in eval mode (config deep-copied: never shared)."""
+    from transformers import LlavaForConditionalGeneration
+
+    cfg = copy.deepcopy(llava_config(attn_implementation=attn_implementation, **kw))
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration._from_config(cfg, attn_implementation=attn_implementation,
+                                                       dtype=dtype)
+    # random init gives near-uniform attention; sharpen it so that strategies disagree visibly
+    with torch.no_grad():
+        for layer in model.model.vision_tower.vision_model.encoder.layers if hasattr(
+                model.model.vision_tower, "vision_model") else model.model.vision_tower.encoder.layers:
+            layer.self_attn.q_proj.weight.mul_(4.0)
+            layer.self_attn.k_proj.weight.mul_(4.0)
+    return model.eval()
+
+
+def mid_llava_config(**kw: Any):
+    """Mid-size LLaVA-1.5 shape for CPU benchmarks: 336 px / 14 = 576 visual tokens."""
+    base = dict(image_size=336, patch_size=14, vision_layers=12, vision_hidden=256, vision_heads=8,
+                llm_layers=8, llm_hidden=512, llm_heads=8, llm_kv_heads=8, vocab_size=1024)
+    base.update(kw)
+    return llava_config(**base)
+
+
+def build_tokenizer():
+    """Word-level fast tokenizer with ``<image>`` as one special token (offline)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(SPECIAL + sorted(set(WORDS)) + list("?.,:"))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
+                                   eos_token="</s>", unk_token="[UNK]", padding_side="left",
+                                   extra_special_tokens={"image_token": IMAGE_TOKEN})
+    fast.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    return fast
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }} : "
+    "{% for c in m['content'] %}{% if c['type'] == 'image' %}<image> {% else %}{{ c['text'] }} {% endif %}{% endfor %}"
+    "{% endfor %}{% if add_generation_prompt %}assistant : {% endif %}")
+
+
+def build_processor(image_size: int = 112, patch_size: int = 14):
+    """A real ``LlavaProcessor`` (CLIP image processor + the word-level tokenizer)."""
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    ip = CLIPImageProcessor(size={"shortest_edge": image_size},
+                            crop_size={"height": image_size, "width": image_size})
+    return LlavaProcessor(image_processor=ip, tokenizer=build_tokenizer(), patch_size=patch_size,
+                          vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                          chat_template=CHAT_TEMPLATE)
+
+
+def prompt_ids(n_image_tokens: int, *, n_images: int = 1, prefix: int = 3, suffix: int = 4,
+               pad: int = 0, image_token_id: int = 4, seed: int = 0, vocab: int = 256) -> torch.Tensor:
+    """One left-padded prompt [1, L]: pads, bos, text, (image run + text) per image, text."""
+    g = torch.Generator().manual_seed(seed)
+    text = lambda n: torch.randint(10, vocab, (n,), generator=g)  # noqa: E731
+    parts = [torch.zeros(pad, dtype=torch.long), torch.tensor([1]), text(prefix)]
+    for _ in range(n_images):
+        parts += [torch.full((n_image_tokens,), image_token_id), text(2)]
+    parts.append(text(suffix))
+    return torch.cat(parts)[None]
+
+
+def batch_prompts(prompts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad a list of [1, L_i] prompts -> (input_ids [B, L], attention_mask [B, L])."""
+    length = max(p.shape[1] for p in prompts)
+    ids = torch.zeros(len(prompts), length, dtype=torch.long)
+    mask = torch.zeros(len(prompts), length, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, length - p.shape[1]:] = p[0]
+        mask[i, length - p.shape[1]:] = 1
+    return ids, mask

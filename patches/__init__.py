@@ -1,0 +1,2 @@
+"""Model-family adapters, one module per family; importing registers them by model_type."""
+from . import llava  # noqa: F401

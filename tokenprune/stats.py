@@ -1,0 +1,59 @@
+"""Per-call statistics and an analytic prefill FLOPs estimate."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class LayerDims:
+    """Matmul shapes of one transformer layer: hidden size, q/kv projection widths, MLP width,
+    and whether the MLP is gated (three matrices, as Llama) or not (two, as CLIP)."""
+
+    hidden: int
+    q_dim: int
+    kv_dim: int
+    mlp: int
+    gated: bool
+
+
+def layer_flops(n_tokens: int, dims: LayerDims, causal: bool) -> float:
+    """Multiply-adds x2 of one layer over ``n_tokens`` (projections, attention, MLP)."""
+    n = float(n_tokens)
+    proj = 2 * n * dims.hidden * (2 * dims.q_dim + 2 * dims.kv_dim)
+    attn = 4 * n * n * dims.q_dim * (0.5 if causal else 1.0)
+    mlp = 2 * n * dims.hidden * dims.mlp * (3 if dims.gated else 2)
+    return proj + attn + mlp
+
+
+@dataclass
+class PruneStats:
+    """Statistics of the last pruned call (prefill of a generate).
+
+    Per sample (lists indexed by batch row): ``visual_tokens_in``, ``visual_tokens_kept`` and
+    ``kept_indices`` (one LongTensor per image, ascending indices into that image's placeholder
+    run, in the model's own order). ``prune_ms``: time spent scoring, selecting and slicing
+    (CPU wall clock of the hooks). ``flops_before`` / ``flops_after``: analytic prefill FLOPs
+    (vision + LLM) without / with pruning.
+    """
+
+    strategy: str
+    visual_tokens_in: list[int] = field(default_factory=list)
+    visual_tokens_kept: list[int] = field(default_factory=list)
+    kept_indices: list[list[torch.Tensor]] = field(default_factory=list)
+    prune_ms: float = 0.0
+    flops_before: float = 0.0
+    flops_after: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "strategy": self.strategy,
+            "visual_tokens_in": list(self.visual_tokens_in),
+            "visual_tokens_kept": list(self.visual_tokens_kept),
+            "kept_indices": [[t.tolist() for t in row] for row in self.kept_indices],
+            "prune_ms": self.prune_ms,
+            "flops_before": self.flops_before,
+            "flops_after": self.flops_after,
+        }

@@ -1,0 +1,101 @@
+"""Data passed between the engine and strategies. Pure torch; no transformers import.
+
+A strategy is a :class:`StrategySpec`: its config class, the stage where it acts
+(``"vision"``: selects before the LLM, from vision-encoder attention / features;
+``"llm"``: selects inside the LLM at a decoder layer), what it needs from a family, the score
+requests it makes, and a ``select`` function from :class:`VisualTokens` to a :class:`Selection`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Literal
+
+import torch
+
+from ..config import PruneConfig
+
+#: capabilities a family can provide and a strategy can need
+CAPABILITIES = ("cls_attention", "mean_attention", "keys", "features", "llm_attention")
+
+ScoreKind = Literal["cls", "mean", "keys"]
+
+
+@dataclass(frozen=True)
+class VisionInfo:
+    """What a strategy may know about the vision encoder (filled by the family).
+
+    ``num_layers``: encoder layers; ``feature_layer``: 0-based index of the layer whose output
+    feeds the projector (LLaVA-1.5: 22 of 24); ``grid``: (rows, cols) of one image's tokens.
+    """
+
+    num_layers: int
+    feature_layer: int
+    grid: tuple[int, int]
+    has_cls: bool
+
+
+@dataclass(frozen=True)
+class LLMInfo:
+    num_layers: int
+
+
+@dataclass(frozen=True)
+class ScoreRequest:
+    """Ask the engine for one reduction of one vision layer's attention.
+
+    ``kind``: ``"cls"`` = the CLS query row (head mean), ``"mean"`` = attention each token
+    receives, averaged over heads and all query rows, ``"keys"`` = head-mean keys.
+    """
+
+    layer: int
+    kind: ScoreKind
+
+
+@dataclass
+class VisualTokens:
+    """One image's tokens as a strategy sees them (CLS column already removed).
+
+    ``grid``: (h, w); ``features``: [N, D] projector-input features (N = h*w);
+    ``scores[(layer, kind)]``: [N] for "cls"/"mean", [N, d] for "keys".
+    """
+
+    grid: tuple[int, int]
+    features: torch.Tensor | None
+    scores: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class Selection:
+    """Result for one image: ``indices`` [n] ascending into the image's tokens; optional
+    ``features`` [n, D] that replace the features at those indices (merging strategies)."""
+
+    indices: torch.Tensor
+    features: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class StrategySpec:
+    name: str
+    config_cls: type[PruneConfig]
+    stage: Literal["vision", "llm"]
+    needs: frozenset[str]
+    #: vision stage: score requests for a config and encoder
+    requests: Callable[[PruneConfig, VisionInfo], list[ScoreRequest]] | None = None
+    #: vision stage: (config, tokens, n_keep, info) -> Selection
+    select: Callable[[PruneConfig, VisualTokens, int, VisionInfo], Selection] | None = None
+    #: llm stage: decoder layer index K where tokens are dropped (scores from layer K-1)
+    llm_layer: Callable[[PruneConfig, LLMInfo], int] | None = None
+    #: llm stage: (config, last-query attention row over one image's tokens [N], n_keep) -> indices
+    select_llm: Callable[[PruneConfig, torch.Tensor, int], torch.Tensor] | None = None
+    paper: str = ""
+
+
+def topk_indices(score: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest values, ties broken by the lower index (deterministic).
+
+    ``torch.topk`` leaves the order of ties unspecified; a stable descending sort does not.
+    """
+    if k <= 0:
+        return torch.zeros(0, dtype=torch.long, device=score.device)
+    order = torch.sort(score, descending=True, stable=True).indices
+    return order[:k]

@@ -1,0 +1,116 @@
+"""VisionZip (Yang et al., CVPR 2025, arXiv 2412.04467): dominant + contextual tokens.
+
+Dominant tokens: highest CLS-query attention at the feature layer (heads averaged; the official
+code sums heads, which ranks identically). Contextual tokens, as the official code: the remaining
+tokens are split into ``contextual`` targets picked with a uniform stride (``M // contextual``)
+and members; each member joins the target with the highest cosine similarity of head-mean keys
+(same layer); a contextual token = target feature + mean of its members' features (the target
+alone if it has none). Merging happens on the projector input, as the official code.
+
+Deviations, forced by stock HF LLaVA (the processor reserves no placeholder for CLS):
+the CLS token is not passed to the LLM, so all ``dominant`` slots go to patches; each
+contextual token is placed at its target's index (kept tokens stay in raster order) instead of
+being appended after the dominant ones.
+Default split follows the paper (54+10, 108+20, 162+30): dominant = round(n*54/64).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..config import ConfigError, PruneConfig, check_range
+from ..registry import register_strategy
+from .base import ScoreRequest, Selection, StrategySpec, VisionInfo, VisualTokens, topk_indices
+
+DOMINANT_SHARE = 54 / 64
+
+
+@dataclass(frozen=True)
+class VisionZipConfig(PruneConfig):
+    """``dominant`` / ``contextual``: per-image split of the budget (None: the paper's 54:10)."""
+
+    name = "visionzip"
+    dominant: int | None = None
+    contextual: int | None = None
+
+    def validate(self) -> None:
+        for k in ("dominant", "contextual"):
+            v = getattr(self, k)
+            if v is not None:
+                check_range(k, v, 0, 10**9, integer=True)
+        if self.dominant is not None and self.contextual is not None and self.budget is not None:
+            if self.dominant + self.contextual != self.budget:
+                raise ConfigError(
+                    f"dominant + contextual must equal budget; got {self.dominant} + "
+                    f"{self.contextual} != {self.budget}"
+                )
+
+    def split(self, n_keep: int) -> tuple[int, int]:
+        """(dominant, contextual) for a per-image budget of ``n_keep``."""
+        if self.dominant is None and self.contextual is None:
+            dominant = round(n_keep * DOMINANT_SHARE)
+        elif self.dominant is not None:
+            dominant = self.dominant
+        else:
+            dominant = n_keep - self.contextual  # type: ignore[operator]
+        if not 0 <= dominant <= n_keep:
+            raise ConfigError(f"dominant={dominant} does not fit the budget of {n_keep} tokens per image")
+        return dominant, n_keep - dominant
+
+
+def visionzip_select(cls_score: torch.Tensor, keys: torch.Tensor, features: torch.Tensor,
+                     n_dominant: int, n_contextual: int) -> Selection:
+    """cls_score [N], keys [N, d], features [N, D] -> Selection of n_dominant + n_contextual tokens.
+
+    If fewer than ``n_contextual`` tokens remain after the dominant ones, every remaining token
+    becomes a target (the budget is still met exactly).
+    """
+    n = cls_score.numel()
+    dominant = topk_indices(cls_score, n_dominant)
+    rest_mask = torch.ones(n, dtype=torch.bool, device=cls_score.device)
+    rest_mask[dominant] = False
+    rest = torch.nonzero(rest_mask).flatten()
+    m = rest.numel()
+    n_contextual = min(n_contextual, m)
+    if n_contextual == 0:
+        idx = torch.sort(dominant).values
+        return Selection(idx, None)
+    step = max(1, m // n_contextual)
+    target_pos = torch.arange(0, m, step, device=rest.device)[:n_contextual]
+    is_target = torch.zeros(m, dtype=torch.bool, device=rest.device)
+    is_target[target_pos] = True
+    targets, members = rest[is_target], rest[~is_target]
+    contextual = features[targets].clone()
+    if members.numel():
+        kn = F.normalize(keys[members].float(), dim=-1)
+        kt = F.normalize(keys[targets].float(), dim=-1)
+        assign = torch.argmax(kn @ kt.T, dim=1)
+        sums = torch.zeros(n_contextual, features.shape[-1], dtype=torch.float32, device=features.device)
+        sums.index_add_(0, assign, features[members].float())
+        counts = torch.bincount(assign, minlength=n_contextual).to(sums.dtype)[:, None]
+        means = torch.where(counts > 0, sums / counts.clamp(min=1), torch.zeros_like(sums))
+        contextual = (contextual.float() + means).to(features.dtype)
+    indices = torch.cat([dominant, targets])
+    merged = torch.cat([features[dominant], contextual])
+    order = torch.argsort(indices)
+    return Selection(indices[order], merged[order])
+
+
+def _requests(cfg: VisionZipConfig, info: VisionInfo) -> list[ScoreRequest]:
+    return [ScoreRequest(info.feature_layer, "cls"), ScoreRequest(info.feature_layer, "keys")]
+
+
+def _select(cfg: VisionZipConfig, tokens: VisualTokens, n_keep: int, info: VisionInfo) -> Selection:
+    d, c = cfg.split(n_keep)
+    assert tokens.features is not None
+    return visionzip_select(tokens.scores[(info.feature_layer, "cls")],
+                            tokens.scores[(info.feature_layer, "keys")], tokens.features, d, c)
+
+
+SPEC = register_strategy(StrategySpec(
+    name="visionzip", config_cls=VisionZipConfig, stage="vision",
+    needs=frozenset({"cls_attention", "keys", "features"}), requests=_requests, select=_select,
+    paper="Yang et al. 2025, VisionZip, CVPR 2025, arXiv 2412.04467",
+))
