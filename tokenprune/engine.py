@@ -10,6 +10,7 @@ generation in a weak dictionary, never stored on modules.
 from __future__ import annotations
 
 import contextvars
+import threading
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -184,8 +185,10 @@ class PruneHandle:
             f"tokenprune_state_{id(self)}", default=None)
         self._vision: contextvars.ContextVar[VisionCall | None] = contextvars.ContextVar(
             f"tokenprune_vision_{id(self)}", default=None)
-        self._encoded: contextvars.ContextVar[list[Encoded] | None] = contextvars.ContextVar(
-            f"tokenprune_encoded_{id(self)}", default=None)
+        # recent encodings per thread: generate (transformers >= 5.24) encodes images before the
+        # forward calls that use them, and with use_cache=False reuses them on every step
+        self._encoded_by_thread: dict[int, list[Encoded]] = {}
+        self._lock = threading.Lock()
         self._records: "weakref.WeakKeyDictionary[Any, PruneRecord]" = weakref.WeakKeyDictionary()
         self._removed = False
         info = family.vision_info
@@ -241,6 +244,8 @@ class PruneHandle:
             h.remove()
         self._hooks.clear()
         self._records = weakref.WeakKeyDictionary()
+        with self._lock:
+            self._encoded_by_thread.clear()
         self._removed = True
         api._forget(self.model, self)
 
@@ -271,8 +276,7 @@ class PruneHandle:
             for row, c in enumerate((counts // self._n_img_tokens).tolist()):
                 state.images.extend([row] * c)
             state.stats = PruneStats(strategy=self.spec.name)
-            encoded = self._encoded.get()
-            state.encoded_mark = len(encoded) if encoded else 0
+            state.encoded_mark = len(self._encoded())
             given = (kwargs.get("mm_encoder_outputs") or {}).get("image")
             if given is not None and kwargs.get("pixel_values") is None:
                 state.given = list(given.pooler_output)
@@ -343,21 +347,22 @@ class PruneHandle:
         self._vision.set(None)
         if state is None or state.selections is None:
             return
-        encoded = self._encoded.get()
-        if encoded is None:
-            encoded = []
-            self._encoded.set(encoded)
+        encoded = self._encoded()
         encoded.append(Encoded(output, state.selections, state.seconds))
         del encoded[:-MAX_PENDING]
 
+    def _encoded(self) -> list[Encoded]:
+        """This thread's recent encodings (newest last)."""
+        with self._lock:
+            return self._encoded_by_thread.setdefault(threading.get_ident(), [])
+
     def _take_selections(self, state: CallState) -> list[Selection]:
         """Selections of the images of this call, in placeholder order."""
-        encoded = self._encoded.get() or []
+        encoded = self._encoded()
         if state.given is None:  # encoded inside this forward call
             mine = encoded[state.encoded_mark:]
             sels = [s for e in mine for s in e.selections]
             state.seconds += sum(e.seconds for e in mine)
-            del encoded[state.encoded_mark:]
         else:  # pre-encoded (generate in transformers >= 5.24): find each image's encoding
             sels, used = [], set()
             for f in state.given:
@@ -371,7 +376,6 @@ class PruneHandle:
                 if id(e) not in used:
                     used.add(id(e))
                     state.seconds += e.seconds
-            encoded[:] = [e for e in encoded if id(e) not in used]
         if len(sels) != len(state.images):
             raise UnsupportedCallError(
                 f"{len(sels)} encoded images for {len(state.images)} images in the prompt")

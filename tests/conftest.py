@@ -1,0 +1,127 @@
+"""Shared builders and references for the tests: tiny real-class models, built offline."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from tokenprune.eval.tiny import batch_prompts, build_llava, prompt_ids
+
+N_TOK = 64  # 112 px / 14 = 8 x 8 tokens per image
+
+
+@pytest.fixture(scope="session")
+def base_model():
+    return build_llava(seed=0)
+
+
+@pytest.fixture()
+def model(base_model):
+    """A fresh deep copy per test: a test can never leak hooks or state into another."""
+    return copy.deepcopy(base_model)
+
+
+def pixels(n: int, seed: int = 0, dtype=torch.float32) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 112, 112, generator=g).to(dtype)
+
+
+def single(n_images: int = 1, seed: int = 0):
+    ids = prompt_ids(N_TOK, n_images=n_images, seed=seed)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels(n_images, seed)}
+
+
+def batch(specs: list[tuple[int, int]]):
+    """specs: (n_images, seed) per row -> left-padded batch inputs and the per-row singles."""
+    rows = [prompt_ids(N_TOK, n_images=n, seed=s) for n, s in specs]
+    ids, mask = batch_prompts(rows)
+    px = torch.cat([pixels(n, s) for n, s in specs])
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": px}, [single(n, s) for n, s in specs]
+
+
+def layer_out(x):
+    return x[0] if isinstance(x, tuple) else x
+
+
+@torch.no_grad()
+def manual_logits(model, input_ids, embeds, keep, layer=0, positions="original"):
+    """Reference for one unpadded row: the unpatched decoder fed only the kept tokens by hand.
+
+    embeds [1, L, D] (image features already scattered); keep [L] bool. ``layer`` = 0: tokens
+    dropped before the LLM; K > 0: layers < K see every token, layers >= K only the kept ones.
+    Kept tokens keep their original positions (or are renumbered, positions="compact").
+    """
+    lm = model.model.language_model
+    length = embeds.shape[1]
+    pos = torch.arange(length)[None]
+    if positions == "compact":
+        pos = torch.cumsum(keep.long(), 0)[None] - 1
+    h = embeds
+    idx = torch.nonzero(keep).flatten()
+    if layer == 0:
+        h, pos = h[:, idx], pos[:, idx]
+    pe = lm.rotary_emb(h, pos)
+    for i, dec in enumerate(lm.layers):
+        if layer and i == layer:
+            h, pos, pe = h[:, idx], pos[:, idx], (pe[0][:, idx], pe[1][:, idx])
+        h = layer_out(dec(h, attention_mask=None, position_ids=pos, position_embeddings=pe))
+    return model.lm_head(lm.norm(h))
+
+
+@torch.no_grad()
+def eager_vision(model, px):
+    """Independent scores: the vision tower of a deep copy run in eager mode with
+    ``output_attentions``; returns (attentions per layer [n, H, N, N], hidden states, keys per layer)."""
+    m = copy.deepcopy(model)
+    m.set_attn_implementation({"vision_config": "eager"})
+    tower = m.model.vision_tower
+    keys = {}
+    hooks = [layer.self_attn.k_proj.register_forward_hook(
+        lambda mod, a, out, i=i: keys.__setitem__(i, out)) for i, layer in enumerate(tower.encoder.layers)]
+    out = tower(px, output_attentions=True, output_hidden_states=True)
+    for h in hooks:
+        h.remove()
+    return out.attentions, out.hidden_states, keys
+
+
+def expected_selections(handle, model, px):
+    """What the strategy must select, computed from eager attention weights (not the engine's)."""
+    from tokenprune.strategies.base import VisualTokens
+
+    attns, hidden, keys = eager_vision(model, px)
+    info = handle.family.vision_info
+    heads = model.config.vision_config.num_attention_heads
+    feats = hidden[info.feature_layer + 1][:, 1:]
+    sels = []
+    for i in range(px.shape[0]):
+        scores = {}
+        for r in handle.requests:
+            a = attns[r.layer][i].float()
+            if r.kind == "mean":
+                scores[(r.layer, "mean")] = a.mean(0).mean(0)[1:]
+            elif r.kind == "cls":
+                scores[(r.layer, "cls")] = a.mean(0)[0, 1:]
+            else:
+                k = keys[r.layer][i]
+                scores[(r.layer, "keys")] = k.reshape(k.shape[0], heads, -1).float().mean(1)[1:]
+        tokens = VisualTokens(grid=info.grid, features=feats[i], scores=scores)
+        sels.append(handle.spec.select(handle.config, tokens, handle._n_keep, info))
+    return sels, feats
+
+
+@torch.no_grad()
+def reference_embeds(model, input_ids, px, sels=None, feats=None):
+    """inputs_embeds of the unpatched model, with merged features substituted where a strategy merges."""
+    core = model.model
+    emb = core.get_input_embeddings()(input_ids)
+    if feats is None:
+        _, hidden, _ = eager_vision(model, px)
+        feats = hidden[model.config.vision_feature_layer][:, 1:]
+    feats = feats.clone()
+    for i, s in enumerate(sels or []):
+        if s.features is not None:
+            feats[i, s.indices] = s.features.to(feats.dtype)
+    proj = core.multi_modal_projector(feats).reshape(-1, emb.shape[-1])
+    mask = (input_ids == model.config.image_token_id)[..., None]
+    return emb.masked_scatter(mask, proj.to(emb.dtype))
