@@ -12,7 +12,7 @@ from conftest import (N_TOK, batch, eager_vision, expected_selections, manual_lo
                       reference_embeds, single)
 
 STRATEGIES = tokenprune.list_strategies()
-EXTRA = {"fopru": [{"mode": "rank"}, {"mode": "row"}]}
+EXTRA = {"fopru": [{"mode": "rank"}, {"mode": "row"}], "fastv": [{}, {"layer": 1}]}
 CASES = [(s, p) for s in STRATEGIES for p in EXTRA.get(s, [{}])]
 IDS = [s + ("-" + "-".join(map(str, p.values())) if p else "") for s, p in CASES]
 BUDGET = 20
@@ -193,7 +193,8 @@ def test_no_eager_fallback_and_only_flagged_layers_scored(model, name, params, m
     assert model.config.vision_config._attn_implementation == "sdpa"
     assert model.config.text_config._attn_implementation == "sdpa"
     expected = {"hiprune": {("vision", 1), ("vision", 2)}, "fopru": {("vision", 2)},
-                "visionzip": {("vision", 2)}, "fastv": {("llm", 1)}, "random": set(), "pool": set()}
+                "visionzip": {("vision", 2)}, "fastv": {("llm", params.get("layer", 2) - 1)},
+                "random": set(), "pool": set()}
     assert set(h.scored_layers) == expected[name]
 
 
@@ -286,3 +287,14 @@ def test_cls_kept_with_full_select_strategy():
             model(**inp)
         kept = h.last_stats.kept_indices[0][0]
         assert kept.numel() == 10 and kept[0] == 0     # the CLS placeholder is always kept
+
+
+def test_many_calls_in_a_row_keep_finding_their_encodings(model):
+    """More calls than the pending-encoding bound, alternating forward and generate."""
+    inp = single(1)
+    with tokenprune.apply(model, "hiprune", budget=BUDGET) as h:
+        for _ in range(12):
+            with torch.no_grad():
+                model(**inp)
+                model.generate(**inp, max_new_tokens=1, do_sample=False)
+            assert h.last_stats.visual_tokens_kept == [BUDGET]

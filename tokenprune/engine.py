@@ -149,13 +149,14 @@ class Encoded:
     output: torch.Tensor                   # [n_img, N, D]
     selections: list[Selection]
     seconds: float
+    seq: int                               # increasing per handle: orders encodings and calls
 
 
 @dataclass
 class CallState:
     visual: torch.Tensor | None = None                     # [B, L] placeholder mask
     images: list[int] = field(default_factory=list)        # batch row of each image, in order
-    encoded_mark: int = 0                                  # pending encodings before this call
+    encoded_mark: int = 0                                  # first encoding seq of this call
     given: list[torch.Tensor] | None = None                # pre-encoded image features, if passed
     qk: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
     selections: list[Selection] | None = None
@@ -189,6 +190,7 @@ class PruneHandle:
         # forward calls that use them, and with use_cache=False reuses them on every step
         self._encoded_by_thread: dict[int, list[Encoded]] = {}
         self._lock = threading.Lock()
+        self._seq = 0
         self._records: "weakref.WeakKeyDictionary[Any, PruneRecord]" = weakref.WeakKeyDictionary()
         self._removed = False
         info = family.vision_info
@@ -276,7 +278,8 @@ class PruneHandle:
             for row, c in enumerate((counts // self._n_img_tokens).tolist()):
                 state.images.extend([row] * c)
             state.stats = PruneStats(strategy=self.spec.name)
-            state.encoded_mark = len(self._encoded())
+            state.encoded_mark = self._seq
+
             given = (kwargs.get("mm_encoder_outputs") or {}).get("image")
             if given is not None and kwargs.get("pixel_values") is None:
                 state.given = list(given.pooler_output)
@@ -348,7 +351,10 @@ class PruneHandle:
         if state is None or state.selections is None:
             return
         encoded = self._encoded()
-        encoded.append(Encoded(output, state.selections, state.seconds))
+        with self._lock:
+            self._seq += 1
+            seq = self._seq
+        encoded.append(Encoded(output, state.selections, state.seconds, seq))
         del encoded[:-MAX_PENDING]
 
     def _encoded(self) -> list[Encoded]:
@@ -360,7 +366,7 @@ class PruneHandle:
         """Selections of the images of this call, in placeholder order."""
         encoded = self._encoded()
         if state.given is None:  # encoded inside this forward call
-            mine = encoded[state.encoded_mark:]
+            mine = [e for e in encoded if e.seq > state.encoded_mark]
             sels = [s for e in mine for s in e.selections]
             state.seconds += sum(e.seconds for e in mine)
         else:  # pre-encoded (generate in transformers >= 5.24): find each image's encoding
@@ -602,10 +608,13 @@ class PruneHandle:
         prefill = state.fastv is not None and state.fastv.get("idx") is rec.idx_k
         if prefill:
             idx = rec.idx_k
-            if args:
-                args = (self._memo(state, args[0], lambda t: take(t, idx, 1, 0)),) + tuple(args[1:])
-            else:
-                new["hidden_states"] = self._memo(state, kwargs["hidden_states"], lambda t: take(t, idx, 1, 0))
+            hidden = args[0] if args else kwargs["hidden_states"]
+            if hidden.shape[1] == rec.full_len:  # layer K: later layers get the short output of K
+                hidden = take(hidden, idx, 1, 0)
+                if args:
+                    args = (hidden,) + tuple(args[1:])
+                else:
+                    new["hidden_states"] = hidden
             pe = kwargs.get("position_embeddings")
             if pe is not None:
                 new["position_embeddings"] = tuple(self._memo(state, t, lambda x: take(x, idx, 1, 0)) for t in pe)
