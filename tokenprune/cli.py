@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--max-new-tokens", type=int, default=8)
     r.add_argument("--compact", action="store_true", help="one-line JSON")
     sub.add_parser("list", help="list strategies and model families")
-    b = sub.add_parser("bench", help="CPU micro-benchmark (prune time vs prefill)", add_help=False)
+    sub.add_parser("bench", help="CPU micro-benchmark (prune time vs prefill)", add_help=False)
     a, rest = ap.parse_known_args(argv)
     if a.cmd == "bench":
         from tokenprune.eval.microbench import main as bench_main

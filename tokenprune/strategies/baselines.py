@@ -14,7 +14,7 @@ import torch
 
 from ..config import PruneConfig, check_range
 from ..registry import register_strategy
-from .base import Selection, StrategySpec, VisionInfo, VisualTokens
+from .base import Selection, StrategySpec
 
 
 @dataclass(frozen=True)
