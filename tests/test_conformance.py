@@ -298,3 +298,20 @@ def test_many_calls_in_a_row_keep_finding_their_encodings(model):
                 model(**inp)
                 model.generate(**inp, max_new_tokens=1, do_sample=False)
             assert h.last_stats.visual_tokens_kept == [BUDGET]
+
+
+@pytest.mark.parametrize("name,params", CASES, ids=IDS)
+def test_eager_attention_batch_equals_one_by_one(name, params):
+    """Under eager attention (float 4D masks instead of SDPA's) the same invariants hold."""
+    from tokenprune.eval.tiny import build_llava
+
+    model = build_llava(attn_implementation="eager")
+    inp, singles = batch([(1, 1), (2, 2)])
+    with tokenprune.apply(model, name, budget=BUDGET, **params):
+        with torch.no_grad():
+            out = model(**inp).logits
+            gen = model.generate(**inp, max_new_tokens=4, do_sample=False)
+            for r, s in enumerate(singles):
+                torch.testing.assert_close(out[r, -1], model(**s).logits[0, -1], atol=5e-5, rtol=1e-4)
+                assert torch.equal(gen[r, -4:], model.generate(**s, max_new_tokens=4, do_sample=False)[0, -4:])
+    assert model.config.text_config._attn_implementation == "eager"

@@ -3,7 +3,9 @@
 Layers 0..K-1 see every token; the attention row of the last prompt token at layer K-1
 (heads averaged, as the official code; the paper text describes a mean over all queries) ranks
 each image's visual tokens; layers K.. see only the kept ones, which keep their original
-positions. With a KV cache the pruning happens once, at prefill. The budget is per image.
+positions. With a KV cache the pruning happens once, at prefill (the KV cache of layers >= K
+holds only kept tokens). With ``use_cache=False`` every step is a new prefill and re-ranks with the
+current last token, as the official no-cache code does. The budget is per image.
 """
 from __future__ import annotations
 
