@@ -159,7 +159,6 @@ class CallState:
     encoded_mark: int = 0                                  # first encoding seq of this call
     given: list[torch.Tensor] | None = None                # pre-encoded image features, if passed
     qk: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
-    selections: list[Selection] | None = None
     seconds: float = 0.0
     stats: PruneStats | None = None
     pending: PruneRecord | None = None
@@ -432,9 +431,8 @@ class PruneHandle:
         visual = state.visual
         embeds = kwargs["inputs_embeds"]
         b, length = visual.shape
-        state.selections = self._take_selections(state)
         flags = []
-        for sel in state.selections:
+        for sel in self._take_selections(state):
             f = torch.zeros(self._n_img_tokens, dtype=torch.bool, device=visual.device)
             f[: self._prefix] = True
             f[self._prefix + sel.indices.to(visual.device)] = True
