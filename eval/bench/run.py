@@ -1,0 +1,292 @@
+"""The measurement loop of ``tokenprune bench``.
+
+For each model preset x batch x budget x strategy, side by side in one run:
+
+* ``ttft`` — time to first token: one forward over the prompt returning the last logits
+  (vision + selection + LLM prefill), for the unpruned model, the pruned model and the
+  **ideal** (the unpatched model fed only the kept visual tokens: vision + LLM on the kept
+  sequence, no scoring);
+* ``llm`` — the language model's own part of that forward (timed by hooks on it);
+* ``vision`` / ``vision_pruned`` — ``get_image_features`` unpatched / patched (capture + select);
+* ``prune`` — the hooks' own wall clock (``last_stats.prune_ms``);
+* decode tokens/s of a greedy ``generate`` (smallest budget only), peak memory of the prefill,
+  KV-cache size, analytic FLOPs ratio.
+
+Vision table: SDPA tower vs our capture vs the official-style eager + ``output_attentions``, and
+how many of the official-style kept tokens we keep too.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import tokenprune
+from tokenprune.api import family_for
+
+from ..tiny import prompt_ids
+from .presets import PRESETS, BenchPreset, ModelPreset, build
+from .reference import eager_copy, official_select
+from .timing import cache_mb, peak_mb, time_ms
+
+
+class _LMTimer:
+    """Times every call of a module with hooks registered last (so it sees the pruned input)."""
+
+    def __init__(self, module: torch.nn.Module, device: str) -> None:
+        self.cuda = device.startswith("cuda")
+        self.spans: list[Any] = []
+        self._h = [module.register_forward_pre_hook(self._pre), module.register_forward_hook(self._post)]
+
+    def _now(self) -> Any:
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        import time
+        return time.perf_counter()
+
+    def _pre(self, *a: Any) -> None:
+        self._start = self._now()
+
+    def _post(self, *a: Any) -> None:
+        self.spans.append((self._start, self._now()))
+
+    def median_ms(self) -> float:
+        import statistics
+        if self.cuda:
+            torch.cuda.synchronize()
+            ms = [s.elapsed_time(e) for s, e in self.spans]
+        else:
+            ms = [(e - s) * 1000 for s, e in self.spans]
+        return statistics.median(ms) if ms else float("nan")
+
+    def close(self) -> None:
+        for h in self._h:
+            h.remove()
+
+
+def machine(device: str) -> str:
+    if device.startswith("cuda"):
+        return f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
+    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def _inputs(mp: ModelPreset, model: Any, family: Any, batch: int, device: str) -> dict[str, torch.Tensor]:
+    cfg = model.config
+    n = family.tokens_per_image
+    vocab = min(cfg.text_config.vocab_size, 1024)
+    ids = prompt_ids(n, prefix=mp.text_tokens // 2, suffix=mp.text_tokens - mp.text_tokens // 2,
+                     image_token_id=family.image_token_id, vocab=vocab).repeat(batch, 1)
+    size = cfg.vision_config.image_size
+    g = torch.Generator().manual_seed(1)
+    px = torch.randn(batch, 3, size, size, generator=g).to(device, mp.dtype)
+    ids = ids.to(device)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": px}
+
+
+def _cache(out: Any) -> Any:
+    """The KV cache of a model output (``cache`` in transformers >= 5.24, else ``past_key_values``)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+def _features(out: Any) -> torch.Tensor:
+    """``get_image_features`` output -> [n_img * N, D] (pooler_output is a tensor or a list)."""
+    f = out.pooler_output
+    f = torch.cat(list(f)) if isinstance(f, (list, tuple)) else f
+    return f.reshape(-1, f.shape[-1])
+
+
+def _kept_mask(ids: torch.Tensor, image_token_id: int, kept: list[list[torch.Tensor]]) -> torch.Tensor:
+    keep = ids != image_token_id
+    for b in range(ids.shape[0]):
+        pos = torch.nonzero(~keep[b]).flatten()
+        keep[b, pos[kept[b][0].to(pos.device)]] = True
+    return keep
+
+
+class Bench:
+    def __init__(self, bp: BenchPreset, device: str, strategies: list[str] | None = None) -> None:
+        self.bp, self.device = bp, device
+        self.strategies = list(strategies or bp.strategies)
+        self.rows: list[dict[str, Any]] = []
+        self.vision_rows: list[dict[str, Any]] = []
+
+    def t(self, fn: Any, repeats: int | None = None) -> float:
+        return time_ms(fn, self.device, repeats or self.bp.repeats, self.bp.warmup)
+
+    # -- one (model, batch): unpruned, ideal per budget, every strategy per budget ---------------
+    @torch.no_grad()
+    def model_batch(self, mp: ModelPreset, model: Any, family: Any, batch: int, bar: Any) -> None:
+        inputs = _inputs(mp, model, family, batch, self.device)
+        core, ids = model.model, inputs["input_ids"]
+        n_in = family.tokens_per_image
+
+        def forward() -> Any:
+            return model(**inputs, logits_to_keep=1, use_cache=False)
+
+        def generate() -> Any:
+            d = self.bp.decode_tokens
+            return model.generate(**inputs, max_new_tokens=d, min_new_tokens=d, do_sample=False)
+
+        def vision() -> Any:
+            return core.get_image_features(pixel_values=inputs["pixel_values"])
+
+        def measure(tag_kv: Any, decode: bool) -> dict[str, Any]:
+            timer = _LMTimer(core.language_model, self.device)
+            ttft = self.t(forward)
+            llm = timer.median_ms()
+            timer.close()
+            out = {"ttft_ms": ttft, "llm_ms": llm, "vision_ms": self.t(vision),
+                   "peak_mb": peak_mb(forward, self.device),
+                   "kv_mb": cache_mb(_cache(model(**inputs, logits_to_keep=1, use_cache=True)))}
+            if decode:
+                gen = self.t(generate, max(1, self.bp.repeats // 2))
+                steps = self.bp.decode_tokens - 1
+                out["decode_tok_s"] = batch * steps / max(1e-9, (gen - ttft) / 1000)
+            return out
+
+        base = measure(None, decode=True)
+        bar.update()
+        emb_full = core.get_input_embeddings()(ids)
+        emb_full = emb_full.masked_scatter((ids == family.image_token_id)[..., None],
+                                           _features(vision()).to(emb_full.dtype))
+        ideal_cache: dict[int, dict[str, Any]] = {}
+        for budget in mp.budgets:
+            for name in self.strategies:
+                h = tokenprune.apply(model, name, budget=budget)
+                try:
+                    res = measure(None, decode=budget == min(mp.budgets))
+                    st = h.last_stats
+                    kept = [[t.clone() for t in row] for row in st.kept_indices]
+                    row = {"model": mp.name, "batch": batch, "strategy": name, "tokens_in": n_in,
+                           "kept": int(st.visual_tokens_kept[0]), "prune_ms": st.prune_ms,
+                           "flops_ratio": st.flops_after / st.flops_before, **res}
+                finally:
+                    h.remove()
+                if budget not in ideal_cache:
+                    ideal_cache[budget] = self.ideal(model, family, inputs, emb_full, kept)
+                ideal = ideal_cache[budget]
+                row.update({f"ideal_{k}": v for k, v in ideal.items()})
+                row.update({f"unpruned_{k}": v for k, v in base.items()})
+                row["pruned_over_unpruned"] = row["ttft_ms"] / base["ttft_ms"]
+                row["pruned_over_ideal"] = row["ttft_ms"] / ideal["ttft_ms"]
+                # what selecting costs: the extra time of the patched vision pass (+ FastV's inner
+                # scoring, inside llm_ms) relative to the unpruned time to first token
+                row["overhead_share"] = (row["ttft_ms"] - ideal["ttft_ms"]) / base["ttft_ms"]
+                self.rows.append(row)
+                bar.update()
+
+    @torch.no_grad()
+    def ideal(self, model: Any, family: Any, inputs: dict[str, torch.Tensor], emb_full: torch.Tensor,
+              kept: list[list[torch.Tensor]]) -> dict[str, Any]:
+        """The unpatched model fed only the kept visual tokens (compact positions, no scoring)."""
+        core, ids = model.model, inputs["input_ids"]
+        keep = _kept_mask(ids, family.image_token_id, kept)
+        b = ids.shape[0]
+        emb_kept = emb_full[keep].reshape(b, -1, emb_full.shape[-1])
+        mask_kept = torch.ones(emb_kept.shape[:2], dtype=torch.long, device=ids.device)
+
+        def forward() -> Any:
+            feats = _features(core.get_image_features(pixel_values=inputs["pixel_values"]))
+            emb = core.get_input_embeddings()(ids)
+            emb = emb.masked_scatter((ids == family.image_token_id)[..., None], feats.to(emb.dtype))
+            hidden = core.language_model(inputs_embeds=emb[keep].reshape(b, -1, emb.shape[-1]),
+                                         attention_mask=mask_kept, use_cache=False).last_hidden_state
+            return model.lm_head(hidden[:, -1:])
+
+        def llm() -> Any:
+            return core.language_model(inputs_embeds=emb_kept, attention_mask=mask_kept, use_cache=False)
+        out = core.language_model(inputs_embeds=emb_kept, attention_mask=mask_kept, use_cache=True)
+        return {"ttft_ms": self.t(forward), "llm_ms": self.t(llm), "peak_mb": peak_mb(forward, self.device),
+                "kv_mb": cache_mb(_cache(out))}
+
+    # -- vision: SDPA vs our capture vs official-style eager + output_attentions -----------------
+    @torch.no_grad()
+    def vision(self, mp: ModelPreset, model: Any, family: Any, batch: int, eager: Any) -> None:
+        inputs = _inputs(mp, model, family, batch, self.device)
+        px, core = inputs["pixel_values"], model.model
+        budget = mp.budgets[0]
+        sdpa = self.t(lambda: core.get_image_features(pixel_values=px))
+        for name in [s for s in self.bp.reference if s in self.strategies]:
+            h = tokenprune.apply(model, name, budget=budget)
+            try:
+                ours = self.t(lambda: core.get_image_features(pixel_values=px))
+                model(**inputs, logits_to_keep=1, use_cache=False)
+                ours_kept = [row[0] for row in h.last_stats.kept_indices]
+                spec, cfg = h.spec, h.config
+            finally:
+                h.remove()
+            official = self.t(lambda: official_select(family, eager, spec, cfg, budget, px))
+            ref_kept, _ = official_select(family, eager, spec, cfg, budget, px)
+            agree = sum(len(set(a.tolist()) & set(r.tolist())) for a, r in zip(ours_kept, ref_kept))
+            self.vision_rows.append({
+                "model": mp.name, "batch": batch, "strategy": name, "kept": budget, "sdpa_ms": sdpa,
+                "ours_ms": ours, "official_ms": official, "ours_overhead": ours / sdpa - 1,
+                "official_overhead": official / sdpa - 1,
+                "agreement": agree / (budget * len(ref_kept))})
+
+    def run(self) -> dict[str, Any]:
+        from tqdm import tqdm
+
+        n = sum(len(m.batches) * (1 + len(m.budgets) * len(self.strategies)) for m in self.bp.models)
+        interrupted = False
+        with tqdm(total=n, desc="bench") as bar:
+            try:
+                self._run_models(bar)
+            except KeyboardInterrupt:  # SIGINT / SIGTERM (e.g. `timeout`): keep what was measured
+                interrupted = True
+        import transformers
+        return {"machine": machine(self.device), "device": self.device, "torch": torch.__version__,
+                "transformers": transformers.__version__, "repeats": self.bp.repeats,
+                "warmup": self.bp.warmup, "decode_tokens": self.bp.decode_tokens, "interrupted": interrupted,
+                "rows": self.rows, "vision_rows": self.vision_rows}
+
+    def _run_models(self, bar: Any) -> None:
+        for mp in self.bp.models:
+            model = build(mp, self.device)
+            family = family_for(model)
+            eager = eager_copy(family.vision_tower)
+            for batch in mp.batches:
+                bar.set_postfix_str(f"{mp.name} bs={batch}")
+                self.model_batch(mp, model, family, batch, bar)
+            for batch in sorted(set(mp.batches) | ({self.bp.capture_batch} - {None})):
+                self.vision(mp, model, family, batch, eager)
+            del model, eager
+            if self.device.startswith("cuda"):
+                torch.cuda.empty_cache()
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    from .report import write
+
+    ap = argparse.ArgumentParser(prog="tokenprune bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--strategies", nargs="*", help=f"subset of {list(PRESETS['cpu'].strategies)}")
+    ap.add_argument("--repeats", type=int, help="override the preset's repeats")
+    ap.add_argument("--out", type=Path, default=Path("eval/results"), help="folder for bench_<preset>.*")
+    a = ap.parse_args(argv)
+    bp = PRESETS[a.preset]
+    if a.repeats:
+        from dataclasses import replace
+        bp = replace(bp, repeats=a.repeats)
+    import signal
+
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, stop)
+    res = Bench(bp, a.device, a.strategies).run()
+    res["preset"] = a.preset
+    md = write(res, a.out, f"bench_{a.preset}")
+    print(md)
+    return res
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# One lent-GPU session (no internet there): the GPU speed preset and/or training the tiny VQA model.
+#   bash eval/gpu_session.sh bench|train OUT_DIR
+# Uses the machine's own torch/transformers; tokenprune is put on PYTHONPATH from a copy laid out as
+# the installed package (tokenprune/, tokenprune/patches, tokenprune/eval) so no pip is needed.
+set -uo pipefail
+what="$1"; mkdir -p "$2"; out=$(realpath "$2")
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+shim=$(mktemp -d)
+cp -r tokenprune "$shim/" && cp -r patches "$shim/tokenprune/patches" && cp -r eval "$shim/tokenprune/eval"
+export PYTHONPATH="$shim"
+cd "$shim"   # python puts the working directory first on sys.path: not the repo's un-mapped layout
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, transformers, tokenprune; print('torch', torch.__version__, '| transformers', transformers.__version__, '| tokenprune', tokenprune.__version__)"
+case "$what" in
+  bench) timeout -s TERM "${BENCH_SECONDS:-230}" python3 -m tokenprune.eval.bench.run --preset gpu --out "$out" 2>&1 \
+           | tr '\r' '\n' | grep -v '^bench: .*it\]$' ;;
+  train) timeout -s TERM "${TRAIN_SECONDS:-340}" python3 -m tokenprune.eval.synthetic.train --device cuda \
+           --out "$out/tiny-llava-vqa" --seconds-a "${SECONDS_A:-60}" --seconds-b "${SECONDS_B:-210}" --batch 256 2>&1 \
+           | tr '\r' '\n' | awk 'NR % 25 == 0 || !/it\/s|s\/it/' ;;
+esac

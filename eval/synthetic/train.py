@@ -1,0 +1,281 @@
+"""Train the tiny VQA LLaVA and save it with ``save_pretrained`` (weights fp16 + processor).
+
+    python -m tokenprune.eval.synthetic.train --out assets/tiny-llava-vqa [--device cuda]
+
+Stage A (vision tower): dense per-patch supervision on the feature layer (colour, shape and
+object-centre of each patch) plus a CLS multi-label loss over (colour, shape) pairs, as CLIP-style
+towers are trained to summarise through CLS. This makes the tower's attention object-centric.
+Stage B (projector + LLM, tower fine-tuned with the dense loss kept on): next-token loss on the
+one-word answer, with random visual-token dropout (keep 5-100% of the visual tokens, original
+position ids) so that the model is robust to pruning itself and the fidelity benchmark measures
+*which* tokens a strategy keeps. Learning rates follow a cosine over max(step/steps, time/budget),
+so a run fits its time budget on any device; the steps done are saved in ``training.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .model import build_model, build_processor, normalise, prompt_text
+from .questions import TYPES, sample_question
+from .scenes import COLOR_NAMES, GRID, SHAPES, render, sample_scene
+
+N_PAIRS = len(COLOR_NAMES) * len(SHAPES)
+
+
+class DenseHeads(nn.Module):
+    """Per-patch colour / shape / centre heads and a CLS pair head on the feature layer."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.color = nn.Linear(d, len(COLOR_NAMES) + 1)
+        self.shape = nn.Linear(d, len(SHAPES) + 1)
+        self.centre = nn.Linear(d, 1)
+        self.pairs = nn.Linear(d, N_PAIRS)
+
+    def loss(self, hidden: torch.Tensor, labels: torch.Tensor, pairs: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """hidden [B, 1 + 256, d]; labels [B, 16, 16, 3]; pairs [B, N_PAIRS] multi-hot."""
+        h = self.norm(hidden.float())
+        patch, cls = h[:, 1:], h[:, 0]
+        lab = labels.reshape(labels.shape[0], -1, 3)
+        lc = F.cross_entropy(self.color(patch).transpose(1, 2), lab[..., 0])
+        ls = F.cross_entropy(self.shape(patch).transpose(1, 2), lab[..., 1])
+        lz = F.binary_cross_entropy_with_logits(self.centre(patch)[..., 0], lab[..., 2].float(),
+                                                pos_weight=torch.tensor(20.0, device=h.device))
+        lp = F.binary_cross_entropy_with_logits(self.pairs(cls), pairs, pos_weight=torch.tensor(9.0, device=h.device))
+        obj = lab[..., 1] > 0
+        acc = (self.shape(patch).argmax(-1) == lab[..., 1])[obj].float().mean()
+        return lc + ls + lz + lp, {"patch_shape_acc": acc.item()}
+
+
+def pair_targets(scenes: list, device: str) -> torch.Tensor:
+    t = torch.zeros(len(scenes), N_PAIRS, device=device)
+    for i, s in enumerate(scenes):
+        for o in s.objects:
+            t[i, COLOR_NAMES.index(o.color) * len(SHAPES) + SHAPES.index(o.shape)] = 1
+    return t
+
+
+_TOKEN_CACHE: dict[int, dict[str, list[int]]] = {}
+
+
+def encode_batch(tokenizer: Any, questions: list[str], answers: list[str] | None, n_img: int,
+                 image_token_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ids [B, L] with each ``<image>`` expanded to ``n_img`` tokens (what the
+    processor does), attention mask, and labels (the answer word and eos at their own positions,
+    -100 elsewhere)."""
+    rows, labs = [], []
+    cache = _TOKEN_CACHE.setdefault(id(tokenizer), {})
+
+    def tok(text: str) -> list[int]:
+        if text not in cache:
+            cache[text] = tokenizer(text).input_ids
+        return cache[text]
+    for i, q in enumerate(questions):
+        ids = tok(prompt_text(q))
+        k = ids.index(image_token_id)
+        ids = ids[:k] + [image_token_id] * n_img + ids[k + 1:]
+        lab = [-100] * len(ids)
+        if answers is not None:
+            ans = tok(answers[i]) + [tokenizer.eos_token_id]
+            lab = [-100] * len(ids) + ans          # labels[t] = the token at t (answer word, eos)
+            ids = ids + ans
+        rows.append(ids)
+        labs.append(lab)
+    length = max(map(len, rows))
+    ids = np.zeros((len(rows), length), np.int64)
+    mask = np.zeros_like(ids)
+    labels = np.full_like(ids, -100)
+    for i, (r, lab) in enumerate(zip(rows, labs)):
+        ids[i, :len(r)] = r
+        mask[i, :len(r)] = 1
+        labels[i, :len(r)] = lab
+    ids, mask, labels = torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(labels)
+    return ids, mask, labels
+
+
+def vqa_loss(model: Any, hidden: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor,
+             keep_visual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Answer loss on the sequence with only the kept visual tokens, at their original positions.
+
+    hidden: feature-layer output [B, 1 + N, d]; keep_visual: [B, N] bool or None (keep all).
+    Returns (loss, answer-token accuracy per row)."""
+    core = model.model
+    feats = core.multi_modal_projector(hidden[:, 1:])
+    img = ids == model.config.image_token_id
+    emb = core.get_input_embeddings()(ids)
+    emb = emb.masked_scatter(img[..., None], feats.to(emb.dtype))
+    keep = mask.bool()
+    if keep_visual is not None:
+        keep = keep.clone()
+        keep[img] = keep_visual.reshape(-1)
+    b = ids.shape[0]
+    n = keep.sum(1)
+    length = int(n.max())
+    # pack kept tokens to the left (stable order), pad on the right
+    order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :length]
+    valid = torch.arange(length, device=ids.device)[None] < n[:, None]
+    pos = torch.where(valid, order, order[:, :1])
+    emb_k = torch.gather(emb, 1, pos[..., None].expand(-1, -1, emb.shape[-1]))
+    lab_k = torch.where(valid, torch.gather(labels, 1, pos), torch.full_like(pos, -100))
+    out = core.language_model(inputs_embeds=emb_k, attention_mask=valid.long(), position_ids=pos)
+    logits = model.lm_head(out.last_hidden_state).float()
+    # labels[t] is the token at t: predict it from t - 1
+    lg, lb = logits[:, :-1], lab_k[:, 1:]
+    loss = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), lb.reshape(-1), ignore_index=-100)
+    first = (lb != -100).float().argmax(1)
+    pred = lg[torch.arange(b), first].argmax(-1)
+    return loss, pred == lb[torch.arange(b), first]
+
+
+def cosine(progress: float, warm: float = 0.03) -> float:
+    if progress < warm:
+        return progress / warm
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (progress - warm) / (1 - warm))))
+
+
+def train(out: Path, device: str, steps_a: int, steps_b: int, seconds_a: float, seconds_b: float,
+          batch: int, seed: int, log_every: int = 50) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    processor = build_processor()
+    tok = processor.tokenizer
+    model = build_model(seed, device).train()
+    tower = model.model.vision_tower
+    heads = DenseHeads(model.config.vision_config.hidden_size).to(device)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast("cpu", enabled=False)
+    n_img = GRID * GRID
+    log: dict[str, Any] = {"device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
+                           "batch": batch, "seed": seed}
+
+    def features(scenes: list) -> tuple[torch.Tensor, torch.Tensor]:
+        imgs, labels = render(scenes, device)
+        with amp:
+            hs = tower(normalise(imgs), output_hidden_states=True).hidden_states
+        return hs[model.config.vision_feature_layer], labels
+
+    # ---- stage A: the vision tower --------------------------------------------------------
+    opt = torch.optim.AdamW(list(tower.parameters()) + list(heads.parameters()), lr=2e-3, weight_decay=0.01)
+    t0, step = time.time(), 0
+    bar = tqdm(total=steps_a, desc="stage A (vision)")
+    while True:
+        prog = max(step / steps_a, (time.time() - t0) / seconds_a)
+        if prog >= 1:
+            break
+        for g in opt.param_groups:
+            g["lr"] = 2e-3 * cosine(prog)
+        scenes = [sample_scene(rng) for _ in range(batch)]
+        hidden, labels = features(scenes)
+        loss, info = heads.loss(hidden, labels, pair_targets(scenes, device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(tower.parameters(), 1.0)
+        opt.step()
+        step += 1
+        bar.update()
+        if step % log_every == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}", shape=f"{info['patch_shape_acc']:.2f}")
+    bar.close()
+    log.update(stage_a_steps=step, stage_a_seconds=time.time() - t0, stage_a_loss=loss.item(), **info)
+
+    # ---- stage B: projector + LLM (tower fine-tuned, dense loss kept) ----------------------
+    groups = [{"params": list(tower.parameters()) + list(heads.parameters()), "base": 3e-4},
+              {"params": [p for n, p in model.named_parameters() if not n.startswith("model.vision_tower")],
+               "base": 1e-3}]
+    opt = torch.optim.AdamW([{"params": g["params"], "lr": g["base"]} for g in groups], weight_decay=0.01)
+    t0, step, accs = time.time(), 0, []
+    bar = tqdm(total=steps_b, desc="stage B (VQA)")
+    while True:
+        prog = max(step / steps_b, (time.time() - t0) / seconds_b)
+        if prog >= 1:
+            break
+        for g, spec in zip(opt.param_groups, groups):
+            g["lr"] = spec["base"] * cosine(prog)
+        scenes = [sample_scene(rng) for _ in range(batch)]
+        qa = [sample_question(s, rng) for s in scenes]
+        ids, mask, labels = encode_batch(tok, [q for q, _, _ in qa], [a for _, a, _ in qa], n_img,
+                                         model.config.image_token_id)
+        ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
+        # visual-token dropout: a quarter of rows keep everything, the rest a random 5-100% subset
+        frac = torch.where(torch.rand(batch, device=device) < 0.25, torch.ones(batch, device=device),
+                           0.05 + 0.95 * torch.rand(batch, device=device))
+        keep_visual = torch.rand(batch, n_img, device=device) < frac[:, None]
+        keep_visual[torch.arange(batch), torch.randint(n_img, (batch,), device=device)] = True
+        hidden, plabels = features(scenes)
+        with amp:
+            loss, ok = vqa_loss(model, hidden, ids, mask, labels, keep_visual)
+            aux, _ = heads.loss(hidden, plabels, pair_targets(scenes, device))
+        total = loss + 0.3 * aux
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        accs.append(ok.float().mean().item())
+        bar.update()
+        if step % log_every == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{np.mean(accs[-log_every:]):.2f}")
+    bar.close()
+    log.update(stage_b_steps=step, stage_b_seconds=time.time() - t0, stage_b_loss=loss.item(),
+               stage_b_train_acc=float(np.mean(accs[-log_every:])) if accs else None)
+
+    model.eval()
+    log["validation"] = evaluate(model, tok, device, n=512, seed=10_000 + seed)
+    out.mkdir(parents=True, exist_ok=True)
+    model.to(torch.float16).save_pretrained(out)
+    processor.save_pretrained(out)
+    (out / "training.json").write_text(json.dumps(log, indent=1))
+    return log
+
+
+@torch.no_grad()
+def evaluate(model: Any, tok: Any, device: str, n: int, seed: int, batch: int = 128) -> dict[str, float]:
+    """Unpruned answer accuracy per question type on ``n`` fresh scenes (the training path)."""
+    rng = np.random.default_rng(seed)
+    hits: dict[str, list[bool]] = {t: [] for t in TYPES}
+    tower = model.model.vision_tower
+    for start in range(0, n, batch):
+        scenes = [sample_scene(rng) for _ in range(min(batch, n - start))]
+        qa = [sample_question(s, rng) for s in scenes]
+        ids, mask, labels = encode_batch(tok, [q for q, _, _ in qa], [a for _, a, _ in qa], GRID * GRID,
+                                         model.config.image_token_id)
+        imgs, _ = render(scenes, device)
+        hidden = tower(normalise(imgs).to(model.dtype), output_hidden_states=True).hidden_states[-2]
+        _, ok = vqa_loss(model, hidden, ids.to(device), mask.to(device), labels.to(device), None)
+        for (_, _, t), o in zip(qa, ok.tolist()):
+            hits[t].append(o)
+    res = {t: float(np.mean(v)) for t, v in hits.items() if v}
+    res["overall"] = float(np.mean([o for v in hits.values() for o in v]))
+    return res
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(prog="python -m tokenprune.eval.synthetic.train", description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=Path("assets/tiny-llava-vqa"))
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--steps-a", type=int, default=3000)
+    ap.add_argument("--steps-b", type=int, default=6000)
+    ap.add_argument("--seconds-a", type=float, default=70, help="time budget of stage A")
+    ap.add_argument("--seconds-b", type=float, default=200, help="time budget of stage B")
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args(argv)
+    log = train(a.out, a.device, a.steps_a, a.steps_b, a.seconds_a, a.seconds_b, a.batch, a.seed)
+    print(json.dumps(log, indent=1))
+    return log
+
+
+if __name__ == "__main__":
+    main()
