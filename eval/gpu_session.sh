@@ -15,7 +15,7 @@ python3 -c "import torch, transformers, tokenprune; print('torch', torch.__versi
 case "$what" in
   bench) timeout -s TERM "${BENCH_SECONDS:-230}" python3 -m tokenprune.eval.bench.run --preset gpu --out "$out" 2>&1 \
            | tr '\r' '\n' | grep -v '^bench: .*it\]$' ;;
-  train) timeout -s TERM "${TRAIN_SECONDS:-340}" python3 -m tokenprune.eval.synthetic.train --device cuda \
+  train) timeout -s TERM "${TRAIN_SECONDS:-340}" python3 -m tokenprune.eval.synthetic.train --device cuda ${TRAIN_ARGS:-} \
            --out "$out/tiny-llava-vqa" --seconds-a "${SECONDS_A:-60}" --seconds-b "${SECONDS_B:-210}" --batch 256 2>&1 \
            | tr '\r' '\n' | awk 'NR % 25 == 0 || !/it\/s|s\/it/' ;;
 esac

@@ -145,20 +145,27 @@ def cosine(progress: float, warm: float = 0.03) -> float:
 
 
 def train(out: Path, device: str, steps_a: int, steps_b: int, seconds_a: float, seconds_b: float,
-          batch: int, seed: int, log_every: int = 50) -> dict[str, Any]:
+          batch: int, seed: int, log_every: int = 50, init: Path | None = None,
+          lr_scale: float = 1.0) -> dict[str, Any]:
     from tqdm import tqdm
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     processor = build_processor()
     tok = processor.tokenizer
-    model = build_model(seed, device).train()
+    if init is None:
+        model = build_model(seed, device).train()
+    else:  # continue from a saved checkpoint (a second session on a lent GPU)
+        from transformers import LlavaForConditionalGeneration
+        model = LlavaForConditionalGeneration.from_pretrained(init, dtype=torch.float32).to(device).train()
     tower = model.model.vision_tower
     heads = DenseHeads(model.config.vision_config.hidden_size).to(device)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast("cpu", enabled=False)
     n_img = GRID * GRID
     log: dict[str, Any] = {"device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
-                           "batch": batch, "seed": seed}
+                           "batch": batch, "seed": seed, "init": str(init) if init else None, "lr_scale": lr_scale}
+    if init is not None and (Path(init) / "training.json").exists():
+        log["previous"] = json.loads((Path(init) / "training.json").read_text())
 
     def features(scenes: list) -> tuple[torch.Tensor, torch.Tensor]:
         imgs, labels = render(scenes, device)
@@ -168,10 +175,10 @@ def train(out: Path, device: str, steps_a: int, steps_b: int, seconds_a: float, 
 
     # ---- stage A: the vision tower --------------------------------------------------------
     opt = torch.optim.AdamW(list(tower.parameters()) + list(heads.parameters()), lr=2e-3, weight_decay=0.01)
-    t0, step = time.time(), 0
+    t0, step, loss, info = time.time(), 0, torch.zeros(()), {}
     bar = tqdm(total=steps_a, desc="stage A (vision)")
     while True:
-        prog = max(step / steps_a, (time.time() - t0) / seconds_a)
+        prog = 1.0 if steps_a == 0 else max(step / steps_a, (time.time() - t0) / seconds_a)
         if prog >= 1:
             break
         for g in opt.param_groups:
@@ -191,9 +198,9 @@ def train(out: Path, device: str, steps_a: int, steps_b: int, seconds_a: float, 
     log.update(stage_a_steps=step, stage_a_seconds=time.time() - t0, stage_a_loss=loss.item(), **info)
 
     # ---- stage B: projector + LLM (tower fine-tuned, dense loss kept) ----------------------
-    groups = [{"params": list(tower.parameters()) + list(heads.parameters()), "base": 3e-4},
+    groups = [{"params": list(tower.parameters()) + list(heads.parameters()), "base": 3e-4 * lr_scale},
               {"params": [p for n, p in model.named_parameters() if not n.startswith("model.vision_tower")],
-               "base": 1e-3}]
+               "base": 1e-3 * lr_scale}]
     opt = torch.optim.AdamW([{"params": g["params"], "lr": g["base"]} for g in groups], weight_decay=0.01)
     t0, step, accs = time.time(), 0, []
     bar = tqdm(total=steps_b, desc="stage B (VQA)")
@@ -271,8 +278,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--seconds-b", type=float, default=200, help="time budget of stage B")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--init", type=Path, help="continue from this saved model (e.g. with --steps-a 0)")
+    ap.add_argument("--lr-scale", type=float, default=1.0)
     a = ap.parse_args(argv)
-    log = train(a.out, a.device, a.steps_a, a.steps_b, a.seconds_a, a.seconds_b, a.batch, a.seed)
+    log = train(a.out, a.device, a.steps_a, a.steps_b, a.seconds_a, a.seconds_b, a.batch, a.seed,
+                init=a.init, lr_scale=a.lr_scale)
     print(json.dumps(log, indent=1))
     return log
 
