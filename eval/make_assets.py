@@ -1,40 +1,33 @@
-"""Build the embedded default: ``assets/tiny-llava`` (a random-weight LLaVA-1.5 of the real classes,
-with a real processor) and ``assets/demo.png``. Offline, deterministic, < 1 MB.
+"""Demo images for the CLI and the Gradio app: scenes of the synthetic VQA task (a split of its
+own, seed 30_000) with their questions, written to ``assets/``. Deterministic, offline, ~100 KB.
 
-The weights are untrained: answers are meaningless; the folder exercises the real
-``from_pretrained`` path. (A trained tiny model is the subject of its own issue.)
+The embedded model ``assets/tiny-llava-vqa`` is made by ``python -m tokenprune.eval.synthetic.train``.
 
     python -m tokenprune.eval.make_assets [--out assets]
 """
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
-import torch
+EXAMPLES_SEED = 30_000
 
 
-def demo_image(size: int = 224):
-    from PIL import Image, ImageDraw
+def make(out: Path, n: int = 4) -> None:
+    from tokenprune.eval.synthetic.scenes import render, to_pil
+    from tokenprune.eval.synthetic.splits import split
 
-    img = Image.new("RGB", (size, size), (235, 235, 225))
-    d = ImageDraw.Draw(img)
-    d.ellipse((20, 30, 90, 100), fill=(220, 30, 30))
-    d.rectangle((120, 40, 190, 110), fill=(30, 90, 220))
-    d.polygon([(60, 200), (110, 130), (160, 200)], fill=(40, 170, 60))
-    return img
-
-
-def make(out: Path) -> None:
-    from tokenprune.eval.tiny import build_llava, build_processor
-
-    proc = build_processor()
-    model = build_llava(seed=0)
-    model.config.image_token_id = proc.tokenizer.convert_tokens_to_ids("<image>")
-    target = out / "tiny-llava"
-    model.to(torch.float32).save_pretrained(target)
-    proc.save_pretrained(target)
-    demo_image().save(out / "demo.png")
+    samples = split(n, seed=EXAMPLES_SEED)
+    imgs, _ = render([s.scene for s in samples])
+    (out / "examples").mkdir(parents=True, exist_ok=True)
+    meta = []
+    for i, (s, img) in enumerate(zip(samples, imgs)):
+        path = out / "examples" / f"scene{i}.png"
+        to_pil(img).save(path)
+        meta.append({"image": f"examples/{path.name}", "question": s.question, "answer": s.answer})
+    to_pil(imgs[0]).save(out / "demo.png")
+    (out / "examples" / "examples.json").write_text(json.dumps(meta, indent=1))
 
 
 if __name__ == "__main__":

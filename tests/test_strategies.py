@@ -176,3 +176,31 @@ def test_last_row_attention_handles_gqa_and_masking():
     logits[..., 0] = -math.inf
     torch.testing.assert_close(row, torch.softmax(logits, -1).mean(1))
     assert row[0, 0] == 0
+
+
+@pytest.mark.parametrize("merger", ["visionzip", "pool"])
+def test_merge_groups_describe_the_merged_features(merger):
+    """Every token is carried by one kept token (``groups``); a kept token carries itself; pooled
+    features are the mean of their cell, VisionZip contextual ones target + mean of members."""
+    g = torch.Generator().manual_seed(0)
+    n, d, keep = 64, 8, 12
+    feats = torch.randn(n, d, generator=g)
+    if merger == "pool":
+        sel = pool_select(feats, (8, 8), keep)
+    else:
+        sel = visionzip_select(torch.rand(n, generator=g), torch.randn(n, 4, generator=g), feats, 9, 3)
+    groups = sel.groups
+    assert groups.shape == (n,) and int(groups.min()) >= 0 and int(groups.max()) == keep - 1
+    assert torch.equal(groups[sel.indices], torch.arange(keep))            # kept tokens carry themselves
+    for k in range(keep):
+        members = torch.nonzero(groups == k).flatten()
+        if merger == "pool":  # adaptive-pooling cells may overlap: a token is drawn in one of its cells
+            r0, r1, c0, c1 = pool_cells((8, 8), keep)[k]
+            cell = (torch.arange(r0, r1)[:, None] * 8 + torch.arange(c0, c1)[None]).flatten()
+            torch.testing.assert_close(sel.features[k], feats[cell].mean(0))
+            assert set(members.tolist()) <= set(cell.tolist())
+        elif members.numel() > 1:  # contextual target: own feature + mean of the others
+            others = members[members != sel.indices[k]]
+            torch.testing.assert_close(sel.features[k], feats[sel.indices[k]] + feats[others].mean(0))
+        else:
+            torch.testing.assert_close(sel.features[k], feats[sel.indices[k]])

@@ -1,11 +1,15 @@
 """``tokenprune`` command line.
 
-    tokenprune run [--model PATH] [--strategy hiprune] [--keep 0.25 | --budget N] [--param k=v ...]
-                   [--image IMG] [--prompt TEXT] [--max-new-tokens N]
+    tokenprune run      [--model PATH] [--strategy hiprune] [--keep 0.25 | --budget N] [--param k=v ...]
+                        [--image IMG] [--prompt TEXT] [--overlay out.png] [--device cpu] [--dtype float32]
+    tokenprune compare  [same model/input options] [--strategies ...] [--out compare.png]
+    tokenprune demo     [--model PATH] [--port 7860]            (Gradio app; `pip install tokenprune[demo]`)
     tokenprune list
-    tokenprune bench [microbench options]
+    tokenprune bench    [--preset tiny|cpu|gpu] [--out DIR]
+    tokenprune fidelity [--model PATH] [--n 1000] [--out DIR]
 
-Without ``--model`` the embedded default in ``assets/tiny-llava`` is used (no downloads).
+Without ``--model`` the embedded default ``assets/tiny-llava-vqa`` (a tiny LLaVA trained on the
+synthetic VQA task) is used: no downloads.
 """
 from __future__ import annotations
 
@@ -15,9 +19,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
-DEFAULT_MODEL = ASSETS / "tiny-llava"
-DEFAULT_IMAGE = ASSETS / "demo.png"
+from tokenprune.runner import DEFAULT_IMAGE, DEFAULT_MODEL
+
+DEFAULT_QUESTION = "what color is the cross"
 
 
 def _value(text: str) -> Any:
@@ -33,49 +37,74 @@ def _params(items: list[str]) -> dict[str, Any]:
     out = {}
     for item in items:
         if "=" not in item:
-            raise SystemExit(f"--param expects key=value, got {item!r}")
+            raise SystemExit(f"error: --param expects key=value, got {item!r}")
         k, v = item.split("=", 1)
         out[k] = _value(v)
     return out
 
 
-def cmd_run(a: argparse.Namespace) -> int:
-    import torch
-    from PIL import Image
-
-    import tokenprune
-
-    model_path = a.model or DEFAULT_MODEL
-    if not Path(model_path).exists() and a.model is None:
-        raise SystemExit(f"embedded default model not found at {model_path}; run "
-                         "`python -m tokenprune.eval.make_assets` or pass --model")
+def _budget(a: argparse.Namespace) -> dict[str, Any]:
     params = _params(a.param)
     if a.keep is not None:
         params["keep"] = a.keep
     if a.budget is not None:
         params["budget"] = a.budget
-    if a.strategy and "keep" not in params and "budget" not in params:
+    if "keep" not in params and "budget" not in params:
         params["keep"] = 0.25
-    try:
-        model, processor, handle = tokenprune.load(str(model_path), strategy=a.strategy, dtype=torch.float32,
-                                                   **params)
-    except tokenprune.TokenPruneError as e:
-        raise SystemExit(f"error: {e}") from None
-    image = Image.open(a.image or DEFAULT_IMAGE).convert("RGB")
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": a.prompt}]}]
-    text = processor.apply_chat_template(messages, add_generation_prompt=True)
-    inputs = processor(images=image, text=text, return_tensors="pt")
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=a.max_new_tokens, do_sample=False)
-    answer = processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
-    report: dict[str, Any] = {"model": str(model_path), "strategy": a.strategy, "params": params,
-                              "answer": answer}
-    if handle is not None and handle.last_stats is not None:
-        st = handle.last_stats.as_dict()
-        report.update({k: st[k] for k in ("visual_tokens_in", "visual_tokens_kept", "prune_ms",
-                                          "flops_before", "flops_after")})
-        report["kept_indices"] = st["kept_indices"]
+    return params
+
+
+def _runner(a: argparse.Namespace):
+    from tokenprune.runner import Runner
+
+    return Runner(a.model, device=a.device, dtype=a.dtype)
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    from tokenprune.runner import open_image
+
+    strategy = None if a.strategy == "none" else a.strategy
+    params = _budget(a) if strategy else {}
+    runner = _runner(a)
+    res = runner.run(open_image(a.image or DEFAULT_IMAGE), a.prompt, strategy, a.max_new_tokens, **params)
+    report = {"model": runner.name, **res.as_dict()}
+    if a.overlay:
+        res.overlay.save(a.overlay)  # type: ignore[union-attr]
+        report["overlay"] = str(a.overlay)
     print(json.dumps(report, indent=None if a.compact else 2))
+    return 0
+
+
+def cmd_compare(a: argparse.Namespace) -> int:
+    from tokenprune import list_strategies
+    from tokenprune.runner import open_image
+    from tokenprune.visualize import grid
+
+    runner = _runner(a)
+    image = open_image(a.image or DEFAULT_IMAGE)
+    params = _budget(a)
+    rows = [runner.run(image, a.prompt, None, a.max_new_tokens)]
+    names = a.strategies or list_strategies()
+    for name in names:
+        rows.append(runner.run(image, a.prompt, name, a.max_new_tokens, **params))
+    base = rows[0].prefill_ms
+    print(f"model {runner.name}; question: {a.prompt!r}; budget {params}\n")
+    print("| strategy | answer | visual tokens kept | prefill ms | speedup | prune ms | FLOPs after/before |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r.strategy} | {r.answer} | {r.tokens_kept}/{r.tokens_in} | {r.prefill_ms:.1f} | "
+              f"{base / r.prefill_ms:.2f}x | {r.prune_ms:.2f} | {r.flops_ratio:.2f} |")
+    sheet = grid([r.overlay for r in rows], [f"{r.strategy}: {r.answer} ({r.tokens_kept})" for r in rows],
+                 cols=min(4, len(rows)))
+    sheet.save(a.out)
+    print(f"\noverlays: {a.out}")
+    return 0
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from tokenprune.demo import launch
+
+    launch(model=a.model, device=a.device, dtype=a.dtype, port=a.port, port_file=a.port_file)
     return 0
 
 
@@ -87,34 +116,61 @@ def cmd_list(a: argparse.Namespace) -> int:
     return 0
 
 
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help=f"checkpoint folder or hub id (default: {DEFAULT_MODEL.name} in assets/)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+
+
+def _input_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--image", help="image file (default: assets/demo.png)")
+    p.add_argument("--prompt", default=DEFAULT_QUESTION, help="the question")
+    p.add_argument("--keep", type=float, help="fraction of visual tokens kept per image (default 0.25)")
+    p.add_argument("--budget", type=int, help="visual tokens kept per image")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="strategy parameter")
+    p.add_argument("--max-new-tokens", type=int, default=8)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from tokenprune.errors import TokenPruneError
+
     ap = argparse.ArgumentParser(prog="tokenprune", description="visual-token pruning for HF VLMs")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    r = sub.add_parser("run", help="generate an answer for one image with a strategy applied")
-    r.add_argument("--model", help="checkpoint folder or hub id (default: the embedded tiny model)")
+    r = sub.add_parser("run", help="answer a question about one image with a strategy applied")
+    _model_args(r)
+    _input_args(r)
     r.add_argument("--strategy", default="hiprune", help="strategy name ('none' for no pruning)")
-    r.add_argument("--keep", type=float)
-    r.add_argument("--budget", type=int)
-    r.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="strategy parameter")
-    r.add_argument("--image", help="image file (default: assets/demo.png)")
-    r.add_argument("--prompt", default="what color is the circle")
-    r.add_argument("--max-new-tokens", type=int, default=8)
+    r.add_argument("--overlay", default="tokenprune_overlay.png", help="PNG of the kept tokens ('' to skip)")
     r.add_argument("--compact", action="store_true", help="one-line JSON")
+    c = sub.add_parser("compare", help="every strategy on one input: table + one PNG of overlays")
+    _model_args(c)
+    _input_args(c)
+    c.add_argument("--strategies", nargs="*", help="default: all registered")
+    c.add_argument("--out", default="tokenprune_compare.png")
+    d = sub.add_parser("demo", help="the Gradio app (unpruned vs pruned side by side)")
+    _model_args(d)
+    d.add_argument("--port", type=int, default=7860, help="0 = any free port")
+    d.add_argument("--port-file", help="write the port chosen here (for scripts)")
     sub.add_parser("list", help="list strategies and model families")
-    sub.add_parser("bench", help="CPU micro-benchmark (prune time vs prefill)", add_help=False)
+    sub.add_parser("bench", help="speed/memory benchmark: pruned vs unpruned vs ideal (see --help)", add_help=False)
+    sub.add_parser("fidelity", help="accuracy vs tokens kept on the tiny VQA model (see --help)", add_help=False)
     a, rest = ap.parse_known_args(argv)
     if a.cmd == "bench":
-        from tokenprune.eval.microbench import main as bench_main
+        from tokenprune.eval.bench.run import main as bench_main
 
         bench_main(rest)
         return 0
+    if a.cmd == "fidelity":
+        from tokenprune.eval.synthetic.fidelity import main as fidelity_main
+
+        fidelity_main(rest)
+        return 0
     if rest:
         ap.error(f"unrecognized arguments: {' '.join(rest)}")
-    if a.cmd == "run":
-        if a.strategy == "none":
-            a.strategy = None
-        return cmd_run(a)
-    return cmd_list(a)
+    try:
+        return {"run": cmd_run, "compare": cmd_compare, "demo": cmd_demo, "list": cmd_list}[a.cmd](a)
+    except TokenPruneError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

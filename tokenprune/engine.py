@@ -432,7 +432,8 @@ class PruneHandle:
         embeds = kwargs["inputs_embeds"]
         b, length = visual.shape
         flags = []
-        for sel in self._take_selections(state):
+        selections = self._take_selections(state)
+        for sel in selections:
             f = torch.zeros(self._n_img_tokens, dtype=torch.bool, device=visual.device)
             f[: self._prefix] = True
             f[self._prefix + sel.indices.to(visual.device)] = True
@@ -440,6 +441,10 @@ class PruneHandle:
         keep = ~visual
         keep[visual] = torch.cat(flags)
         self._fill_stats(state, keep, b)
+        assert state.stats is not None
+        state.stats.merge_groups = [[] for _ in range(b)]
+        for row, sel in zip(state.images, selections):
+            state.stats.merge_groups[row].append(None if sel.groups is None else sel.groups.cpu())
         dropped_mask = visual & ~keep
         self._fill_flops(state, length, int(keep.sum(1).max()), b)
         if not bool(dropped_mask.any()):

@@ -34,7 +34,10 @@ class PruneStats:
 
     Per sample (lists indexed by batch row): ``visual_tokens_in``, ``visual_tokens_kept`` and
     ``kept_indices`` (one LongTensor per image, ascending indices into that image's placeholder
-    run, in the model's own order). ``prune_ms``: time spent scoring, selecting and slicing
+    run, in the model's own order); ``merge_groups`` (per image, for merging strategies: [N] position
+    among the image's kept grid tokens (a kept CLS prefix not counted) of the token each grid token was
+    merged into, -1 if dropped; None for strategies that do not merge).
+    ``prune_ms``: time spent scoring, selecting and slicing
     (CPU wall clock of the hooks). ``flops_before`` / ``flops_after``: analytic prefill FLOPs
     (vision + LLM) without / with pruning.
     """
@@ -43,6 +46,7 @@ class PruneStats:
     visual_tokens_in: list[int] = field(default_factory=list)
     visual_tokens_kept: list[int] = field(default_factory=list)
     kept_indices: list[list[torch.Tensor]] = field(default_factory=list)
+    merge_groups: list[list[torch.Tensor | None]] = field(default_factory=list)
     prune_ms: float = 0.0
     flops_before: float = 0.0
     flops_after: float = 0.0
@@ -53,6 +57,7 @@ class PruneStats:
             "visual_tokens_in": list(self.visual_tokens_in),
             "visual_tokens_kept": list(self.visual_tokens_kept),
             "kept_indices": [[t.tolist() for t in row] for row in self.kept_indices],
+            "merge_groups": [[None if g is None else g.tolist() for g in row] for row in self.merge_groups],
             "prune_ms": self.prune_ms,
             "flops_before": self.flops_before,
             "flops_after": self.flops_after,

@@ -67,10 +67,13 @@ class VisualTokens:
 @dataclass
 class Selection:
     """Result for one image: ``indices`` [n] ascending into the image's tokens; optional
-    ``features`` [n, D] that replace the features at those indices (merging strategies)."""
+    ``features`` [n, D] that replace the features at those indices (merging strategies), and
+    ``groups`` [N]: for every token of the image, the position in ``indices`` of the kept token
+    that carries it (itself if kept, its merge target if merged, -1 if dropped)."""
 
     indices: torch.Tensor
     features: torch.Tensor | None = None
+    groups: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ token is the mean of its patches' projector-input features, placed at the cell's
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -60,18 +61,29 @@ def pool_cells(grid: tuple[int, int], n_keep: int) -> list[tuple[int, int, int, 
     return cells
 
 
-def pool_select(features: torch.Tensor, grid: tuple[int, int], n_keep: int) -> Selection:
-    """features [h*w, D] -> Selection of n_keep pooled tokens at their cells' central patches."""
+@functools.lru_cache(maxsize=64)
+def _pool_plan(grid: tuple[int, int], n_keep: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(indices [n_keep] of each cell's central patch, averaging matrix [n_keep, h*w], cell of each
+    token [h*w]) on CPU, cells in index order."""
     h, w = grid
-    fmap = features.reshape(h, w, -1)
-    idx, feats = [], []
-    for r0, r1, c0, c1 in pool_cells(grid, n_keep):
+    idx, weights = [], torch.zeros(n_keep, h * w)
+    for k, (r0, r1, c0, c1) in enumerate(pool_cells(grid, n_keep)):
         idx.append(((r0 + r1 - 1) // 2) * w + (c0 + c1 - 1) // 2)
-        feats.append(fmap[r0:r1, c0:c1].float().mean(dim=(0, 1)))
-    indices = torch.tensor(idx, dtype=torch.long, device=features.device)
-    merged = torch.stack(feats).to(features.dtype)
+        cell = (torch.arange(r0, r1)[:, None] * w + torch.arange(c0, c1)[None]).flatten()
+        weights[k, cell] = 1.0 / cell.numel()
+    indices = torch.tensor(idx, dtype=torch.long)
     order = torch.argsort(indices)  # bands are raster-ordered already; kept for safety
-    return Selection(indices[order], merged[order])
+    weights = weights[order]
+    return indices[order], weights, weights.argmax(dim=0)
+
+
+def pool_select(features: torch.Tensor, grid: tuple[int, int], n_keep: int) -> Selection:
+    """features [h*w, D] -> Selection of n_keep pooled tokens at their cells' central patches.
+
+    One float32 matmul with a cached averaging matrix (cell means, as adaptive pooling)."""
+    indices, weights, groups = _pool_plan(tuple(grid), n_keep)
+    merged = weights.to(features.device) @ features.float()
+    return Selection(indices.to(features.device), merged.to(features.dtype), groups.to(features.device))
 
 
 RANDOM = register_strategy(StrategySpec(

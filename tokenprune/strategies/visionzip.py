@@ -95,7 +95,13 @@ def visionzip_select(cls_score: torch.Tensor, keys: torch.Tensor, features: torc
     indices = torch.cat([dominant, targets])
     merged = torch.cat([features[dominant], contextual])
     order = torch.argsort(indices)
-    return Selection(indices[order], merged[order])
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel(), device=order.device)   # position of each in the sorted output
+    groups = torch.full((n,), -1, dtype=torch.long, device=cls_score.device)
+    groups[indices] = rank
+    if members.numel():
+        groups[members] = rank[n_dominant + assign]
+    return Selection(indices[order], merged[order], groups)
 
 
 def _requests(cfg: VisionZipConfig, info: VisionInfo) -> list[ScoreRequest]:

@@ -1,0 +1,148 @@
+"""The Gradio demo: its endpoint, the real app over HTTP with gradio_client, concurrent users, and a
+real browser (Playwright driving Debian's Chromium). Skipped only where gradio / playwright /
+chromium are not installed; CI installs them (.ci/run)."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+gr = pytest.importorskip("gradio")
+
+from tokenprune.demo import compare, parse_params  # noqa: E402
+from tokenprune.runner import DEFAULT_IMAGE, Runner, open_image  # noqa: E402
+
+QUESTION = "what color is the cross"
+OFFLINE = {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+
+
+@pytest.fixture(scope="module")
+def runner():
+    return Runner()
+
+
+def test_endpoint_answers_and_reports_bad_input(runner):
+    image = open_image(DEFAULT_IMAGE)
+    full, pruned, overlay, tokens, timing, msg = compare(runner, image, QUESTION, "hiprune", 0.25, "alpha=0.2")
+    assert (full, pruned, msg) == ("blue", "blue", "") and tokens.startswith("64 / 256")
+    assert overlay.size == image.size and "speedup" in timing
+    for args, expected in [((None, QUESTION, "hiprune", 0.25, ""), "upload an image"),
+                           ((image, QUESTION, "hiprune", 0.25, "alpha"), "key=value"),
+                           ((image, QUESTION, "hiprune", 0.25, "keep=2"), "keep must be"),
+                           ((image, QUESTION, "bogus", 0.25, ""), "unknown strategy"),
+                           ((image, "", "hiprune", 0.25, ""), "no question")]:
+        out = compare(runner, *args)
+        assert out[:5] == ("", "", None, "", "") and expected in out[5], (args, out)
+    assert parse_params("a=1; b=x") == {"a": 1, "b": "x"}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("demo")
+    port_file = tmp / "port"
+    env = {**os.environ, **OFFLINE, "GRADIO_TEMP_DIR": str(tmp / "gradio")}
+    proc = subprocess.Popen([sys.executable, "-m", "tokenprune.cli", "demo", "--port", "0", "--port-file",
+                             str(port_file)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 120
+        url = None
+        while time.time() < deadline and proc.poll() is None:
+            if port_file.exists() and port_file.read_text():
+                url = f"http://127.0.0.1:{port_file.read_text()}/"
+                try:
+                    urllib.request.urlopen(url, timeout=2)
+                    break
+                except OSError:
+                    pass
+            time.sleep(0.5)
+        else:
+            out = proc.stdout.read().decode() if proc.poll() is not None else ""
+            pytest.fail(f"demo server did not start: {out[-2000:]}")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def _client(url):
+    os.environ.update(OFFLINE)
+    from gradio_client import Client
+
+    return Client(url, verbose=False)
+
+
+def test_gradio_client_calls_the_endpoint(server):
+    from gradio_client import handle_file
+    from PIL import Image
+
+    client = _client(server)
+    assert "/compare" in client.view_api(return_format="dict")["named_endpoints"]
+    full, pruned, overlay, tokens, timing, msg = client.predict(
+        handle_file(str(DEFAULT_IMAGE)), QUESTION, "visionzip", 0.3, "", api_name="/compare")
+    assert (full, pruned, msg) == ("blue", "blue", "") and tokens.startswith("77 / 256")
+    with Image.open(overlay) as im:
+        assert im.format == "PNG" and im.size == (224, 224)
+
+
+def test_two_concurrent_users_get_what_each_gets_alone(server):
+    from gradio_client import handle_file
+    from PIL import Image, ImageChops
+
+    client = _client(server)
+    jobs = [("random", 0.05), ("fopru", 0.5)]
+
+    def call(job):
+        return client.predict(handle_file(str(DEFAULT_IMAGE)), QUESTION, job[0], job[1], "", api_name="/compare")
+    alone = [call(j) for j in jobs]
+    with ThreadPoolExecutor(2) as ex:
+        together = list(ex.map(call, jobs))
+    for a, b in zip(alone, together):
+        assert a[0] == b[0] and a[1] == b[1] and a[3] == b[3]
+        with Image.open(a[2]) as ia, Image.open(b[2]) as ib:
+            assert ImageChops.difference(ia.convert("RGB"), ib.convert("RGB")).getbbox() is None
+    assert alone[0][3].startswith("13 / 256") and alone[1][3].startswith("128 / 256")
+
+
+def test_browser_upload_slider_strategy_submit(server, tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("Debian's chromium is not installed")
+    with sync_api.sync_playwright() as p:
+        ctx = p.chromium.launch_persistent_context(
+            str(tmp_path / "profile"), executable_path=chromium, headless=True,
+            args=["--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+        external = []
+
+        def route(r):
+            host = r.request.url.split("/")[2].split(":")[0] if "://" in r.request.url else ""
+            if host in ("127.0.0.1", "localhost") or r.request.url.startswith(("data:", "blob:")):
+                return r.continue_()
+            external.append(r.request.url)
+            return r.abort()
+        ctx.route("**/*", route)
+        page = ctx.new_page()
+        page.goto(server)
+        page.locator("#image input[type=file]").set_input_files(str(DEFAULT_IMAGE))
+        number = page.locator("#keep input[type=number]")
+        number.fill("0.5")
+        number.press("Enter")
+        page.locator("#strategy input").click()
+        page.get_by_role("option", name="visionzip").click()
+        page.locator("#submit").click()
+        sync_api.expect(page.locator("#answer_pruned textarea")).to_have_value("blue", timeout=60_000)
+        sync_api.expect(page.locator("#answer_full textarea")).to_have_value("blue")
+        sync_api.expect(page.locator("#tokens textarea")).to_have_value("128 / 256 visual tokens kept")
+        sync_api.expect(page.locator("#overlay img")).to_be_visible()
+        assert "speedup" in page.locator("#timing textarea").input_value()
+        page.screenshot(path=str(Path(tmp_path) / "demo.png"), full_page=True)
+        ctx.close()
+    assert external == []

@@ -1,0 +1,56 @@
+"""Overlay geometry and pixels (tokenprune.visualize)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from tokenprune.eval.synthetic.model import build_processor
+from tokenprune.visualize import frames_overlay, grid, llava_boxes, merged_patch_boxes, overlay
+
+
+class _Squash:
+    size = {"height": 100, "width": 100}
+    crop_size = None
+    do_center_crop = False
+
+
+def test_llava_boxes_follow_resize_and_centre_crop():
+    ip = build_processor().image_processor          # shortest edge 224, centre crop 224
+    b = llava_boxes((300, 200), (16, 16), ip)       # landscape: crop drops 50 px left and right
+    assert b.shape == (256, 4)
+    torch.testing.assert_close(b[0], torch.tensor([50.0, 0.0, 62.5, 12.5]))
+    torch.testing.assert_close(b[-1], torch.tensor([237.5, 187.5, 250.0, 200.0]))
+    sq = llava_boxes((224, 224), (16, 16), ip)
+    assert torch.equal(sq[17], torch.tensor([14.0, 14.0, 28.0, 28.0]))
+    squash = llava_boxes((40, 80), (2, 2), _Squash())   # SigLIP-style resize to height x width
+    torch.testing.assert_close(squash, torch.tensor([[0, 0, 20, 40], [20, 0, 40, 40], [0, 40, 20, 80],
+                                                     [20, 40, 40, 80]], dtype=torch.float32))
+
+
+def test_merged_patch_boxes_tile_the_image():
+    b = merged_patch_boxes((560, 280), resized=(280, 560), patch=14, merge=2)   # 10 x 20 tokens
+    assert b.shape == (200, 4)
+    area = ((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])).sum()
+    assert float(area) == pytest.approx(560 * 280)
+    assert b[:, 2].max() == 560 and b[:, 3].max() == 280
+
+
+def test_overlay_keeps_dims_and_tints():
+    img = Image.new("RGB", (4, 2), (200, 200, 200))
+    boxes = torch.tensor([[0, 0, 1, 2], [1, 0, 2, 2], [2, 0, 3, 2], [3, 0, 4, 2]], dtype=torch.float32)
+    out = overlay(img, [0], boxes, outline=False)
+    assert out.getpixel((0, 0)) == (200, 200, 200) and out.getpixel((2, 0)) == (50, 50, 50)
+    merged = overlay(img, [0], boxes, groups=torch.tensor([0, 0, -1, -1]), outline=False)
+    assert merged.getpixel((0, 0)) == (200, 200, 200) and merged.getpixel((3, 0)) == (50, 50, 50)
+    assert merged.getpixel((1, 0)) not in ((200, 200, 200), (50, 50, 50))   # merged: tinted
+    with pytest.raises(ValueError, match="out of range"):
+        overlay(img, [7], boxes)
+
+
+def test_grids_of_frames_and_panels():
+    frames = [Image.new("RGB", (32, 32), (i * 40, 0, 0)) for i in range(5)]
+    boxes = torch.tensor([[0, 0, 16, 32], [16, 0, 32, 32]], dtype=torch.float32)
+    sheet = frames_overlay(frames, [torch.tensor([i % 2]) for i in range(5)], boxes, cols=3)
+    assert sheet.size == (3 * 256, 2 * (256 + 16))
+    assert grid(frames[:2]).size == (512, 256)

@@ -1,0 +1,128 @@
+"""One loaded model answering questions with any strategy: what ``tokenprune run`` / ``compare``
+and the Gradio demo share. Calls are serialised by a lock (one strategy is applied to the model at
+a time), so concurrent users get exactly what each would get alone.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from . import api
+from .errors import ConfigError, TokenPruneError
+from .visualize import llava_boxes, overlay
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+DEFAULT_MODEL = ASSETS / "tiny-llava-vqa"
+DEFAULT_IMAGE = ASSETS / "demo.png"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class RunResult:
+    strategy: str
+    params: dict[str, Any]
+    answer: str
+    tokens_in: int
+    tokens_kept: int
+    prefill_ms: float
+    prune_ms: float = 0.0
+    flops_ratio: float = 1.0
+    kept_indices: list[torch.Tensor] = field(default_factory=list)     # per image of the prompt
+    merge_groups: list[torch.Tensor | None] = field(default_factory=list)
+    overlay: Image.Image | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"strategy": self.strategy, "params": self.params, "answer": self.answer,
+                "visual_tokens_in": self.tokens_in, "visual_tokens_kept": self.tokens_kept,
+                "prefill_ms": round(self.prefill_ms, 2), "prune_ms": round(self.prune_ms, 2),
+                "flops_ratio": round(self.flops_ratio, 3), "kept_indices": [t.tolist() for t in self.kept_indices]}
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """An RGB image from a file, or a ConfigError that says what is wrong with it."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise ConfigError(f"image file not found: {path}") from None
+    except Exception as e:  # PIL raises several types for undecodable files
+        raise ConfigError(f"cannot read {path} as an image ({type(e).__name__}: {e})") from None
+
+
+class Runner:
+    """A model + processor loaded once; ``run(image, question, strategy, **params)``."""
+
+    def __init__(self, model: str | Path | None = None, device: str = "cpu", dtype: str = "float32") -> None:
+        path = Path(model) if model is not None else DEFAULT_MODEL
+        if model is None and not path.exists():
+            raise ConfigError(f"the embedded default model is missing at {path}")
+        if dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        try:
+            self.model, self.processor, _ = api.load(str(model or path), dtype=DTYPES[dtype])
+        except TokenPruneError:
+            raise
+        except (OSError, ValueError, KeyError) as e:
+            raise ConfigError(f"cannot load a model from {model!r}: {e}") from None
+        self.model.to(device)
+        self.device, self.name = device, str(model or path)
+        self.family = api.family_for(self.model)
+        self._lock = threading.Lock()
+
+    def inputs(self, image: Image.Image, question: str) -> dict[str, torch.Tensor]:
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        text = self.processor.apply_chat_template(messages, add_generation_prompt=True)
+        enc = self.processor(images=image, text=text, return_tensors="pt")
+        return {k: (v.to(self.device, self.model.dtype) if v.is_floating_point() else v.to(self.device))
+                for k, v in enc.items()}
+
+    @torch.no_grad()
+    def run(self, image: Image.Image, question: str, strategy: str | None = None, max_new_tokens: int = 8,
+            **params: Any) -> RunResult:
+        if image is None:
+            raise ConfigError("no image given")
+        if not question or not question.strip():
+            raise ConfigError("no question given")
+        inputs = self.inputs(image, question)
+        with self._lock:
+            handle = api.apply(self.model, strategy, **params) if strategy else None
+            try:
+                self.model(**inputs, logits_to_keep=1)            # warm-up (first call pays lazy set-up)
+                t0 = time.perf_counter()
+                self.model(**inputs, logits_to_keep=1)
+                if self.device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                prefill_ms = (time.perf_counter() - t0) * 1000
+                out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+                stats = handle.last_stats if handle is not None else None
+            finally:
+                if handle is not None:
+                    handle.remove()
+        answer = self.processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
+        n_in = int((inputs["input_ids"] == self.family.image_token_id).sum())
+        res = RunResult(strategy=strategy or "none", params=params, answer=answer.strip(), tokens_in=n_in,
+                        tokens_kept=n_in, prefill_ms=prefill_ms)
+        if stats is not None:
+            res.tokens_kept = int(stats.visual_tokens_kept[0])
+            res.prune_ms, res.flops_ratio = stats.prune_ms, stats.flops_after / stats.flops_before
+            res.kept_indices = list(stats.kept_indices[0])
+            res.merge_groups = list(stats.merge_groups[0]) if stats.merge_groups else [None] * len(res.kept_indices)
+        res.overlay = self.overlay(image, res)
+        return res
+
+    def overlay(self, image: Image.Image, res: RunResult) -> Image.Image:
+        """Kept tokens of the (first) image on the original image."""
+        grid = self.family.vision_info.grid
+        boxes = llava_boxes(image.size, grid, self.processor.image_processor)
+        if not res.kept_indices:                       # unpruned: everything kept
+            return overlay(image, torch.arange(boxes.shape[0]), boxes, outline=False)
+        p = self.family.num_prefix
+        kept = res.kept_indices[0]
+        kept = kept[kept >= p] - p                     # grid tokens only (a kept CLS has no box)
+        return overlay(image, kept, boxes, res.merge_groups[0] if res.merge_groups else None)

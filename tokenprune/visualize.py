@@ -1,0 +1,142 @@
+"""Overlays of kept visual tokens on the input image (PIL in, PIL out).
+
+Geometry: every visual token of an image is a box in the *original* image's pixel coordinates
+(``boxes`` [N, 4] as x0, y0, x1, y1), computed from how the processor resized / cropped it.
+Kept tokens stay bright, dropped ones are dimmed, tokens merged into a kept token are tinted with
+that token's group colour, and kept tokens are outlined.
+
+    boxes = llava_boxes(image.size, grid=(24, 24), processor=processor.image_processor)
+    overlay(image, stats.kept_indices[0][0], boxes, stats.merge_groups[0][0])
+"""
+from __future__ import annotations
+
+import colorsys
+import math
+from typing import Any, Sequence
+
+import torch
+from PIL import Image, ImageDraw
+
+
+def _size_of(processor: Any) -> tuple[str, int, int]:
+    """('short', side, crop) for shortest-edge resize + centre crop, or ('squash', h, w)."""
+    size = {k: v for k, v in dict(getattr(processor, "size", None) or {}).items() if v is not None}
+    crop = {k: v for k, v in dict(getattr(processor, "crop_size", None) or {}).items() if v is not None}
+    do_crop = getattr(processor, "do_center_crop", False) and crop
+    if "shortest_edge" in size:
+        return ("short", int(size["shortest_edge"]), int(crop.get("height", size["shortest_edge"])) if do_crop else -1)
+    if "height" in size:
+        return ("squash", int(size["height"]), int(size["width"]))
+    raise ValueError(f"cannot read the resize geometry of {type(processor).__name__}: size={size}")
+
+
+def llava_boxes(image_size: tuple[int, int], grid: tuple[int, int], processor: Any) -> torch.Tensor:
+    """Boxes [h*w, 4] of a LLaVA-1.5 grid (raster order) in original-image coordinates.
+
+    ``image_size``: (W, H) of the original image; ``processor``: its image processor (CLIP:
+    shortest-edge resize then centre crop; SigLIP: resize to height x width)."""
+    w0, h0 = image_size
+    gh, gw = grid
+    kind, a, b = _size_of(processor)
+    if kind == "squash":
+        sx, sy, ox, oy, side_x, side_y = w0 / b, h0 / a, 0.0, 0.0, b, a
+    else:
+        scale = a / min(w0, h0)                           # resized = original * scale
+        rw, rh = w0 * scale, h0 * scale
+        cw = ch = b if b > 0 else None
+        cw, ch = (cw or rw), (ch or rh)
+        ox, oy = (rw - cw) / 2, (rh - ch) / 2              # crop offset in resized coordinates
+        sx = sy = 1 / scale
+        side_x, side_y = cw, ch
+    cols = torch.arange(gw, dtype=torch.float32)
+    rows = torch.arange(gh, dtype=torch.float32)
+    x0 = (ox + cols * side_x / gw) * sx
+    x1 = (ox + (cols + 1) * side_x / gw) * sx
+    y0 = (oy + rows * side_y / gh) * sy
+    y1 = (oy + (rows + 1) * side_y / gh) * sy
+    return torch.stack([x0[None].expand(gh, gw), y0[:, None].expand(gh, gw),
+                        x1[None].expand(gh, gw), y1[:, None].expand(gh, gw)], dim=-1).reshape(-1, 4)
+
+
+def merged_patch_boxes(image_size: tuple[int, int], resized: tuple[int, int], patch: int = 14,
+                       merge: int = 2) -> torch.Tensor:
+    """Boxes of Qwen2-VL-style tokens (``merge`` x ``merge`` patches of ``patch`` px each, raster
+    order over the resized (H', W') image) in original-image coordinates."""
+    w0, h0 = image_size
+    rh, rw = resized
+    cell = patch * merge
+    gh, gw = rh // cell, rw // cell
+    xs = torch.arange(gw + 1, dtype=torch.float32) * cell * w0 / rw
+    ys = torch.arange(gh + 1, dtype=torch.float32) * cell * h0 / rh
+    x0, x1 = xs[:-1][None].expand(gh, gw), xs[1:][None].expand(gh, gw)
+    y0, y1 = ys[:-1][:, None].expand(gh, gw), ys[1:][:, None].expand(gh, gw)
+    return torch.stack([x0, y0, x1, y1], dim=-1).reshape(-1, 4)
+
+
+def _palette(n: int) -> list[tuple[int, int, int]]:
+    return [tuple(int(255 * c) for c in colorsys.hsv_to_rgb((i * 0.618034) % 1, 0.75, 1.0)) for i in range(n)]
+
+
+def overlay(image: Image.Image, kept: torch.Tensor | Sequence[int], boxes: torch.Tensor,
+            groups: torch.Tensor | None = None, dim: float = 0.25, outline: bool = True) -> Image.Image:
+    """``image`` with dropped tokens dimmed to ``dim`` brightness, merged tokens tinted with their
+    group's colour, kept tokens outlined. ``kept``: token indices; ``groups``: [N] per token the
+    position in ``kept`` it was merged into (-1 dropped), as ``PruneStats.merge_groups``."""
+    base = image.convert("RGB")
+    kept = torch.as_tensor(kept, dtype=torch.long).flatten()
+    n = boxes.shape[0]
+    if kept.numel() and (int(kept.max()) >= n or int(kept.min()) < 0):
+        raise ValueError(f"kept indices out of range for {n} token boxes")
+    state = torch.zeros(n, dtype=torch.long)            # 0 dropped, 1 kept, 2 merged
+    state[kept] = 1
+    if groups is not None:
+        groups = torch.as_tensor(groups).flatten()
+        state[(groups >= 0) & (state == 0)] = 2
+    dimmed = Image.blend(base, Image.new("RGB", base.size), 1 - dim)
+    mask = Image.new("L", base.size, 0)
+    tint = Image.new("RGB", base.size)
+    md, td = ImageDraw.Draw(mask), ImageDraw.Draw(tint)
+    colours = _palette(max(1, kept.numel()))
+    for i, (x0, y0, x1, y1) in enumerate(boxes.tolist()):
+        box = (math.floor(x0), math.floor(y0), math.ceil(x1) - 1, math.ceil(y1) - 1)
+        if state[i] == 1:
+            md.rectangle(box, fill=255)
+        elif state[i] == 2:
+            md.rectangle(box, fill=150)
+            td.rectangle(box, fill=colours[int(groups[i]) % len(colours)])  # type: ignore[index]
+    out = Image.composite(base, dimmed, mask)
+    if groups is not None:
+        tmask = mask.point(lambda v: 110 if v == 150 else 0)
+        out = Image.composite(tint, out, tmask)
+    if outline:
+        d = ImageDraw.Draw(out)
+        for k, i in enumerate(kept.tolist()):
+            x0, y0, x1, y1 = boxes[i].tolist()
+            colour = colours[k % len(colours)] if groups is not None else (255, 255, 0)
+            d.rectangle((math.floor(x0), math.floor(y0), math.ceil(x1) - 1, math.ceil(y1) - 1), outline=colour)
+    return out
+
+
+def grid(images: Sequence[Image.Image], titles: Sequence[str] | None = None, cols: int = 4,
+         cell: int = 256) -> Image.Image:
+    """Images side by side (each fitted into ``cell`` px) with a title line above each; used for
+    frame grids of videos and for ``tokenprune compare``."""
+    cols = max(1, min(cols, len(images)))
+    rows = math.ceil(len(images) / cols)
+    title_h = 16 if titles else 0
+    sheet = Image.new("RGB", (cols * cell, rows * (cell + title_h)), (255, 255, 255))
+    d = ImageDraw.Draw(sheet)
+    for k, img in enumerate(images):
+        im = img.copy()
+        im.thumbnail((cell, cell))
+        x, y = (k % cols) * cell, (k // cols) * (cell + title_h)
+        sheet.paste(im, (x + (cell - im.width) // 2, y + title_h))
+        if titles:
+            d.text((x + 4, y + 2), titles[k], fill=(0, 0, 0))
+    return sheet
+
+
+def frames_overlay(frames: Sequence[Image.Image], kept: Sequence[torch.Tensor], boxes: torch.Tensor,
+                   cols: int = 4) -> Image.Image:
+    """A video as a grid of frames, each with its own kept tokens (same token geometry per frame)."""
+    return grid([overlay(f, k, boxes) for f, k in zip(frames, kept)], [f"frame {i}" for i in range(len(frames))], cols)
