@@ -1,0 +1,56 @@
+"""Fidelity regression (issue 7): the trained tiny VQA model loaded offline from assets/, its
+unpruned accuracy on a fixed test subset, and floors pinned at the values measured for every
+strategy at keep 0.333 and 0.111 (200 questions of the test split), so that a change that silently
+breaks a strategy's selection fails. Tolerance: 3 questions (float differences across transformers
+versions can flip a borderline answer), 1 point of object recall."""
+from __future__ import annotations
+
+import pytest
+
+from tokenprune.eval.synthetic.fidelity import DEFAULT_MODEL, load, run
+
+N = 200
+TOL = 3 / N
+#: measured 2026-11-26 (CPU, torch 2.14.1, transformers 5.24.0): accuracy, object recall
+FLOORS = {
+    ("hiprune", 0.333): (0.895, 0.999), ("hiprune", 0.111): (0.830, 0.968),
+    ("visionzip", 0.333): (0.910, 0.917), ("visionzip", 0.111): (0.800, 0.840),
+    ("fopru", 0.333): (0.895, 0.998), ("fopru", 0.111): (0.820, 0.977),
+    ("fastv", 0.333): (0.885, 0.722), ("fastv", 0.111): (0.875, 0.633),
+    ("random", 0.333): (0.860, 0.329), ("random", 0.111): (0.810, 0.104),
+    ("pool", 0.333): (0.855, 0.340), ("pool", 0.111): (0.775, 0.120),
+}
+UNPRUNED = 0.89
+
+
+@pytest.fixture(scope="module")
+def result():
+    return run(DEFAULT_MODEL, n=N, keeps=(0.333, 0.111))
+
+
+def test_loads_offline_from_assets():
+    model, processor = load()
+    assert type(model).__name__ == "LlavaForConditionalGeneration"
+    assert processor.tokenizer.convert_tokens_to_ids("<image>") == model.config.image_token_id
+    assert sum(p.numel() for p in model.parameters()) < 10_000_000
+
+
+def test_unpruned_accuracy(result):
+    assert result["unpruned"] >= UNPRUNED - TOL
+    assert result["unpruned_by_type"]["color"] >= 0.95
+
+
+@pytest.mark.parametrize("key", sorted(FLOORS))
+def test_regression_floor(result, key):
+    row = next(r for r in result["rows"] if (r["strategy"], r["keep"]) == key)
+    acc, recall = FLOORS[key]
+    assert row["accuracy"] >= acc - TOL, row
+    assert row["object_recall"] >= recall - 0.01, row
+    assert row["kept"] == {0.333: 85, 0.111: 28}[key[1]]
+
+
+def test_benchmark_discriminates(result):
+    """Random at 0.111 is clearly below unpruned, and attention-based selection finds the objects."""
+    rows = {(r["strategy"], r["keep"]): r for r in result["rows"]}
+    assert rows[("random", 0.111)]["accuracy"] <= result["unpruned"] - 0.05
+    assert rows[("hiprune", 0.111)]["object_recall"] >= 8 * rows[("random", 0.111)]["object_recall"]
