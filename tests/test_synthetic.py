@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pytest
 import torch
 
 from tokenprune.eval.synthetic.model import build_processor, normalise

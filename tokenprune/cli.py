@@ -7,6 +7,7 @@
     tokenprune list
     tokenprune bench    [--preset tiny|cpu|gpu] [--out DIR]
     tokenprune fidelity [--model PATH] [--n 1000] [--out DIR]
+    tokenprune sweep    [--model PATH] [--tasks ...] [--strategies ...] [--keeps ...] [--out DIR]
 
 Without ``--model`` the embedded default ``assets/tiny-llava-vqa`` (a tiny LLaVA trained on the
 synthetic VQA task) is used: no downloads.
@@ -16,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
 from tokenprune.runner import DEFAULT_IMAGE, DEFAULT_MODEL
@@ -154,7 +154,13 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("list", help="list strategies and model families")
     sub.add_parser("bench", help="speed/memory benchmark: pruned vs unpruned vs ideal (see --help)", add_help=False)
     sub.add_parser("fidelity", help="accuracy vs tokens kept on the tiny VQA model (see --help)", add_help=False)
+    sub.add_parser("sweep", help="strategies x budgets through lmms-eval (needs [eval]; see --help)", add_help=False)
     a, rest = ap.parse_known_args(argv)
+    if a.cmd == "sweep":
+        from tokenprune.eval.lmms.sweep import main as sweep_main
+
+        sweep_main(rest)
+        return 0
     if a.cmd == "bench":
         from tokenprune.eval.bench.run import main as bench_main
 

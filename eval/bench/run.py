@@ -18,7 +18,6 @@ how many of the official-style kept tokens we keep too.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 from pathlib import Path
 from typing import Any

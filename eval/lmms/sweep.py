@@ -1,0 +1,123 @@
+"""A grid of strategies x budgets through lmms-eval on one loaded model, with a progress bar; writes
+a markdown table and a plot (score vs visual tokens kept, one line per strategy).
+
+    tokenprune sweep --model assets/tiny-llava-vqa --tasks tokenprune_vqa \\
+        --strategies hiprune visionzip random --keeps 0.333 0.111 --out eval/results/sweep
+
+The model is loaded once (``strategy=none``); each grid point applies a strategy to it, runs
+``lmms_eval.evaluator.simple_evaluate`` and removes the strategy. Local tasks of this package are
+always on the include path; add others with ``--include_path``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+def _score(task_result: dict[str, Any]) -> tuple[str, float]:
+    for k, v in task_result.items():
+        if "," in k and "stderr" not in k and isinstance(v, (int, float)):
+            return k.split(",")[0], float(v)
+    raise ValueError(f"no metric in {task_result}")
+
+
+def sweep(model: str, tasks: list[str], strategies: list[str], keeps: list[float], include_path: list[str],
+          limit: int | None = None, batch_size: int = 1, device: str = "cpu", dtype: str = "float32") -> dict[str, Any]:
+    from lmms_eval.evaluator import simple_evaluate
+    from lmms_eval.tasks import TaskManager
+    from tqdm import tqdm
+
+    import tokenprune
+    from tokenprune.eval.tasks import TASKS_DIR
+
+    from .model import TokenPruneChat
+
+    lm = TokenPruneChat(pretrained=model, strategy="none", device=device, dtype=dtype, batch_size=batch_size)
+    lm.keep_loaded = True             # one load for the whole grid
+    tm = TaskManager(include_path=[str(TASKS_DIR), *include_path], include_defaults=False)
+    grid = [("none", 1.0)] + [(s, k) for s in strategies for k in keeps]
+    rows = []
+    for name, keep in tqdm(grid, desc="sweep"):
+        lm.handle = tokenprune.apply(lm.model, name, keep=keep) if name != "none" else None
+        try:
+            out = simple_evaluate(model=lm, tasks=tasks, task_manager=tm, limit=limit, batch_size=batch_size,
+                                 device=device, log_samples=False, verbosity="WARNING")
+        finally:
+            if lm.handle is not None:
+                lm.handle.remove()
+            lm.handle = None
+        thr = out.get("throughput", {})
+        # token totals are over every request of the call (all tasks): mean per sample
+        n = sum(v.get("effective", 0) for v in out.get("n-samples", {}).values()) or 1
+        for task in tasks:
+            metric, value = _score(out["results"][task])
+            rows.append({"strategy": name, "keep": keep, "task": task, "metric": metric, "score": value,
+                         "visual_tokens_kept": thr.get("avg_visual_tokens_kept", float("nan")) / n,
+                         "visual_tokens_in": thr.get("avg_visual_tokens_in", float("nan")) / n,
+                         "ttft_ms": thr.get("avg_mean_ttft_ms")})
+    return {"model": model, "tasks": tasks, "limit": limit, "rows": rows}
+
+
+def to_markdown(res: dict[str, Any]) -> str:
+    lines = [f"Model `{res['model']}`; lmms-eval tasks {res['tasks']}" + (f", limit {res['limit']}" if res["limit"] else ""),
+             "", "| strategy | keep | task | metric | score | visual tokens kept / in (mean) | TTFT ms (mean) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        lines.append(f"| {r['strategy']} | {r['keep']:g} | {r['task']} | {r['metric']} | {r['score']:.3f} | "
+                     f"{r['visual_tokens_kept']:.0f} / {r['visual_tokens_in']:.0f} | {r['ttft_ms'] or float('nan'):.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(res: dict[str, Any], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = res["tasks"]
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        rows = [r for r in res["rows"] if r["task"] == task]
+        base = next(r for r in rows if r["strategy"] == "none")
+        for name in dict.fromkeys(r["strategy"] for r in rows if r["strategy"] != "none"):
+            pts = sorted((r["visual_tokens_kept"], r["score"]) for r in rows if r["strategy"] == name)
+            pts.append((base["visual_tokens_kept"], base["score"]))
+            ax.plot(*zip(*sorted(pts)), marker="o", label=name)
+        ax.axhline(base["score"], color="grey", ls=":", label="unpruned")
+        ax.set(xlabel="visual tokens kept per sample", ylabel=base["metric"], title=task)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(prog="tokenprune sweep", description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=str(Path(__file__).resolve().parents[2] / "assets" / "tiny-llava-vqa"))
+    ap.add_argument("--tasks", nargs="+", default=["tokenprune_vqa"])
+    ap.add_argument("--strategies", nargs="+", default=["hiprune", "visionzip", "fastv", "random"])
+    ap.add_argument("--keeps", nargs="+", type=float, default=[0.333, 0.111])
+    ap.add_argument("--include_path", nargs="*", default=[])
+    ap.add_argument("--limit", type=int)
+    ap.add_argument("--batch_size", type=int, default=1)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--out", type=Path, default=Path("eval/results/sweep"))
+    a = ap.parse_args(argv)
+    res = sweep(a.model, a.tasks, a.strategies, a.keeps, a.include_path, a.limit, a.batch_size, a.device, a.dtype)
+    md = to_markdown(res)
+    print(md)
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / "sweep.json").write_text(json.dumps(res, indent=1))
+    (a.out / "sweep.md").write_text(md)
+    plot(res, a.out / "sweep.png")
+    return res
+
+
+if __name__ == "__main__":
+    main()
