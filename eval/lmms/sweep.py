@@ -11,11 +11,13 @@ always on the include path; add others with ``--include_path``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 from typing import Any
 
+from ..results_io import save_results
+
+# a sweep reads local tasks and checkpoints: never reach the hub unless the caller set these to 0
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
@@ -112,10 +114,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     res = sweep(a.model, a.tasks, a.strategies, a.keeps, a.include_path, a.limit, a.batch_size, a.device, a.dtype)
     md = to_markdown(res)
     print(md)
-    a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "sweep.json").write_text(json.dumps(res, indent=1))
-    (a.out / "sweep.md").write_text(md)
-    plot(res, a.out / "sweep.png")
+    save_results(res, md, a.out, "sweep", plot)
     return res
 
 

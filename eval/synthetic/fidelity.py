@@ -9,7 +9,6 @@ strategy keeps (what the answer needs; random keeps the keep ratio).
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ import torch
 
 import tokenprune
 
+from ..results_io import save_results
 from .scenes import render, to_pil
 from .splits import Sample, split
 
@@ -137,10 +137,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     res = run(a.model, a.n, tuple(a.strategies))
     md = to_markdown(res)
     print(md)
-    a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "fidelity.json").write_text(json.dumps(res, indent=1))
-    (a.out / "fidelity.md").write_text(md)
-    plot(res, a.out / "fidelity.png")
+    save_results(res, md, a.out, "fidelity", plot)
     return res
 
 
