@@ -45,6 +45,8 @@ def test_endpoint_answers_and_reports_bad_input(runner):
         out = compare(runner, *args)
         assert out[:5] == ("", "", None, "", "") and expected in out[5], (args, out)
     assert parse_params("a=1; b=x") == {"a": 1, "b": "x"}
+    tokens = compare(runner, image, QUESTION, "random", 0.5, "budget=10")[3]
+    assert tokens.startswith("10 / 256")                    # a budget parameter overrides the slider
 
 
 @pytest.fixture(scope="module")

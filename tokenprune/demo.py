@@ -45,7 +45,8 @@ def compare(runner: Runner, image: Any, question: str, strategy: str, keep: floa
         if image is None:
             raise ValueError("upload an image first")
         kw = parse_params(params)
-        kw.setdefault("keep", float(keep))
+        if "budget" not in kw:          # a budget typed in the parameters wins over the slider
+            kw.setdefault("keep", float(keep))
         full = runner.run(image, question, None)
         pruned = runner.run(image, question, strategy, **kw)
     except (TokenPruneError, ValueError) as e:
