@@ -204,3 +204,31 @@ def test_merge_groups_describe_the_merged_features(merger):
             torch.testing.assert_close(sel.features[k], feats[sel.indices[k]] + feats[others].mean(0))
         else:
             torch.testing.assert_close(sel.features[k], feats[sel.indices[k]])
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("grid,n_keep,alpha", [((8, 8), 16, 0.1), ((8, 8), 5, 0.9), ((6, 10), 30, 0.5),
+                                               ((4, 4), 3, 1.0), ((1, 12), 6, 0.8), ((24, 24), 64, 0.1)])
+def test_hiprune_batched_selection_equals_per_image(seed, grid, n_keep, alpha):
+    from tokenprune.strategies.hiprune import hiprune_select_batch
+
+    g = torch.Generator().manual_seed(seed)
+    n = grid[0] * grid[1]
+    obj = torch.rand(5, n, generator=g)
+    deep = torch.rand(5, n, generator=g)
+    deep[0, :4] = deep[0, 4]            # ties are broken like the per-image path
+    obj[1] = 0.5
+    batched = hiprune_select_batch(obj, deep, n_keep, grid[1], alpha)
+    for i in range(5):
+        assert torch.equal(batched[i], hiprune_select(obj[i], deep[i], n_keep, grid[1], alpha)), i
+
+
+def test_fopru_rank_batched_selection_equals_per_image():
+    from tokenprune.strategies.fopru import fopru_rank_batch
+
+    g = torch.Generator().manual_seed(0)
+    sig = torch.rand(4, 64, generator=g)
+    sig[2, :10] = 0.3
+    out = fopru_rank_batch(sig, 12)
+    for i in range(4):
+        assert torch.equal(out[i], fopru_rank(sig[i], 12))

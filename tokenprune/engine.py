@@ -324,11 +324,20 @@ class PruneHandle:
         feats = args[0]                              # [n_img, P + h*w, D]
         info, p = self.family.vision_info, self._prefix
         cls_off = 1 if info.has_cls else 0
-        selections, merged = [], None
+        merged = None
+        batched = None
+        if self.spec.select_batch is not None:   # one call for all images: no per-image loop / syncs
+            tokens = VisualTokens(grid=info.grid, features=feats[:, p:],
+                                  scores={key: v[:, cls_off:] for key, v in state.scores.items()})
+            batched = self.spec.select_batch(self.config, tokens, self._n_keep, info)
+        selections = []
         for i in range(feats.shape[0]):
-            scores = {key: v[i, cls_off:] for key, v in state.scores.items()}
-            tokens = VisualTokens(grid=info.grid, features=feats[i, p:], scores=scores)
-            sel = self.spec.select(self.config, tokens, self._n_keep, info)  # type: ignore[misc]
+            if batched is not None:
+                sel = batched[i]
+            else:
+                scores = {key: v[i, cls_off:] for key, v in state.scores.items()}
+                tokens = VisualTokens(grid=info.grid, features=feats[i, p:], scores=scores)
+                sel = self.spec.select(self.config, tokens, self._n_keep, info)  # type: ignore[misc]
             if sel.indices.numel() != self._n_keep:
                 raise RuntimeError(f"strategy {self.spec.name} kept {sel.indices.numel()} tokens, "
                                    f"budget is {self._n_keep}")

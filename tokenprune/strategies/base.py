@@ -86,11 +86,30 @@ class StrategySpec:
     requests: Callable[[PruneConfig, VisionInfo], list[ScoreRequest]] | None = None
     #: vision stage: (config, tokens, n_keep, info) -> Selection
     select: Callable[[PruneConfig, VisualTokens, int, VisionInfo], Selection] | None = None
+    #: vision stage, optional: the same selection for a batch of images at once (VisualTokens
+    #: with [B, ...] tensors -> one Selection per image); avoids a Python loop and host syncs per image
+    select_batch: Callable[[PruneConfig, VisualTokens, int, VisionInfo], list[Selection] | None] | None = None
     #: llm stage: decoder layer index K where tokens are dropped (scores from layer K-1)
     llm_layer: Callable[[PruneConfig, LLMInfo], int] | None = None
     #: llm stage: (config, last-query attention row over one image's tokens [N], n_keep) -> indices
     select_llm: Callable[[PruneConfig, torch.Tensor, int], torch.Tensor] | None = None
     paper: str = ""
+
+
+def rank_desc(score: torch.Tensor) -> torch.Tensor:
+    """[..., N] -> rank of every entry in descending order along the last dim (ties: lower index
+    first, as :func:`topk_indices`)."""
+    order = torch.sort(score, dim=-1, descending=True, stable=True).indices
+    rank = torch.empty_like(order)
+    rank.scatter_(-1, order, torch.arange(score.shape[-1], device=score.device).expand_as(order))
+    return rank
+
+
+def mask_to_indices(mask: torch.Tensor, k: int) -> torch.Tensor:
+    """[B, N] bool with exactly k True per row -> [B, k] ascending indices, without a host sync."""
+    n = mask.shape[-1]
+    idx = torch.arange(n, device=mask.device).expand_as(mask)
+    return torch.sort(torch.where(mask, idx, idx + n), dim=-1).values[:, :k]
 
 
 def topk_indices(score: torch.Tensor, k: int) -> torch.Tensor:

@@ -18,7 +18,9 @@ import torch
 
 from ..config import ConfigError, PruneConfig
 from ..registry import register_strategy
-from .base import ScoreRequest, Selection, StrategySpec, VisionInfo, VisualTokens, topk_indices
+from .base import (
+    ScoreRequest, Selection, StrategySpec, VisionInfo, VisualTokens, mask_to_indices, rank_desc, topk_indices,
+)
 
 MODES = ("rank", "row")
 
@@ -36,6 +38,11 @@ class FoPruConfig(PruneConfig):
 def fopru_rank(significance: torch.Tensor, n_keep: int) -> torch.Tensor:
     """[N] -> kept indices [n_keep], ascending."""
     return torch.sort(topk_indices(significance, n_keep)).values
+
+
+def fopru_rank_batch(significance: torch.Tensor, n_keep: int) -> torch.Tensor:
+    """[B, N] -> [B, n_keep] ascending: :func:`fopru_rank` for every row at once."""
+    return mask_to_indices(rank_desc(significance) < n_keep, n_keep)
 
 
 def fopru_row(significance: torch.Tensor, n_keep: int, grid: tuple[int, int]) -> torch.Tensor:
@@ -63,8 +70,14 @@ def _select(cfg: FoPruConfig, tokens: VisualTokens, n_keep: int, info: VisionInf
     return Selection(fopru_row(sig, n_keep, tokens.grid))
 
 
+def _select_batch(cfg: FoPruConfig, tokens: VisualTokens, n_keep: int, info: VisionInfo) -> list[Selection] | None:
+    if cfg.mode != "rank":
+        return None                                  # row mode: per image
+    return [Selection(i) for i in fopru_rank_batch(tokens.scores[(info.feature_layer, "mean")], n_keep)]
+
+
 SPEC = register_strategy(StrategySpec(
     name="fopru", config_cls=FoPruConfig, stage="vision",
-    needs=frozenset({"mean_attention"}), requests=_requests, select=_select,
+    needs=frozenset({"mean_attention"}), requests=_requests, select=_select, select_batch=_select_batch,
     paper="Jiang et al. 2024, FoPru, arXiv 2411.14164 (re-implementation, no official code)",
 ))

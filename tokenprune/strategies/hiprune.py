@@ -19,7 +19,9 @@ import torch
 
 from ..config import ConfigError, PruneConfig, check_range
 from ..registry import register_strategy
-from .base import ScoreRequest, Selection, StrategySpec, VisionInfo, VisualTokens, topk_indices
+from .base import (
+    ScoreRequest, Selection, StrategySpec, VisionInfo, VisualTokens, mask_to_indices, rank_desc, topk_indices,
+)
 
 #: the paper's object layer for a 24-layer CLIP ViT-L (1-based)
 PAPER_OBJECT_LAYER = 9
@@ -83,6 +85,37 @@ def hiprune_select(score_object: torch.Tensor, score_deep: torch.Tensor, n_keep:
     return torch.sort(torch.cat([anchor_buffer, registers])).values
 
 
+def hiprune_select_batch(score_object: torch.Tensor, score_deep: torch.Tensor, n_keep: int,
+                         grid_width: int, alpha: float) -> torch.Tensor:
+    """:func:`hiprune_select` for a batch: [B, N] scores -> [B, n_keep] ascending indices, the same
+    tokens row by row (tested), with masks instead of per-image ``unique`` (no host sync)."""
+    n = score_object.shape[1]
+    n_anchor = round(n_keep * alpha / 5)
+    rank_obj = rank_desc(score_object)
+    anchor = rank_obj < n_anchor                                            # [B, N]
+    shifted = torch.zeros_like(anchor)
+    for d in (1, grid_width):                        # cross neighbours a +- d, clamped to [0, N-1]
+        d = min(d, n)
+        shifted[:, d:] |= anchor[:, :n - d]          # a + d < N
+        shifted[:, n - 1] |= anchor[:, n - d:].any(1)   # a + d >= N -> N-1
+        shifted[:, :n - d] |= anchor[:, d:]          # a - d >= 0
+        shifted[:, 0] |= anchor[:, :d].any(1)        # a - d < 0 -> 0
+    ab = anchor | shifted
+    count = ab.sum(1, keepdim=True)
+    deep = score_deep.float()
+    ninf = torch.full_like(deep, float("-inf"))
+    # normal case: anchors + buffers + the best remaining tokens by feature-layer score
+    normal = ab | (rank_desc(torch.where(ab, ninf, deep)) < (n_keep - count))
+    # overflow (anchors + buffers > budget): the first n_keep anchors, then the best buffers
+    n_anc = min(n_anchor, n_keep)
+    first_anchors = rank_obj < n_anc
+    buffers = ab & ~anchor
+    over = first_anchors | (rank_desc(torch.where(buffers, deep, ninf)) < (n_keep - n_anc))
+    over &= first_anchors | buffers
+    keep = torch.where(count > n_keep, over, normal)
+    return mask_to_indices(keep, n_keep)
+
+
 def _requests(cfg: HiPruneConfig, info: VisionInfo) -> list[ScoreRequest]:
     return [ScoreRequest(object_layer_index(cfg, info), "mean"), ScoreRequest(info.feature_layer, "mean")]
 
@@ -93,8 +126,14 @@ def _select(cfg: HiPruneConfig, tokens: VisualTokens, n_keep: int, info: VisionI
     return Selection(hiprune_select(obj, deep, n_keep, tokens.grid[1], cfg.alpha))
 
 
+def _select_batch(cfg: HiPruneConfig, tokens: VisualTokens, n_keep: int, info: VisionInfo) -> list[Selection]:
+    obj = tokens.scores[(object_layer_index(cfg, info), "mean")]
+    deep = tokens.scores[(info.feature_layer, "mean")]
+    return [Selection(i) for i in hiprune_select_batch(obj, deep, n_keep, tokens.grid[1], cfg.alpha)]
+
+
 SPEC = register_strategy(StrategySpec(
     name="hiprune", config_cls=HiPruneConfig, stage="vision",
-    needs=frozenset({"mean_attention"}), requests=_requests, select=_select,
+    needs=frozenset({"mean_attention"}), requests=_requests, select=_select, select_batch=_select_batch,
     paper="Liu et al. 2025, HiPrune, arXiv 2508.00553",
 ))
