@@ -232,3 +232,23 @@ def test_fopru_rank_batched_selection_equals_per_image():
     out = fopru_rank_batch(sig, 12)
     for i in range(4):
         assert torch.equal(out[i], fopru_rank(sig[i], 12))
+
+
+@pytest.mark.parametrize("n,nd,nc", [(64, 9, 3), (64, 20, 0), (64, 60, 10), (48, 10, 38), (48, 0, 12)])
+def test_visionzip_batched_selection_equals_per_image(n, nd, nc):
+    from tokenprune.strategies.visionzip import visionzip_select_batch
+
+    g = torch.Generator().manual_seed(n + nd + nc)
+    cls = torch.rand(3, n, generator=g)
+    cls[1, :5] = 0.7                                   # ties
+    keys = torch.randn(3, n, 4, generator=g)
+    feats = torch.randn(3, n, 8, generator=g)
+    batched = visionzip_select_batch(cls, keys, feats, nd, nc)
+    for i in range(3):
+        ref = visionzip_select(cls[i], keys[i], feats[i], nd, nc)
+        assert torch.equal(batched[i].indices, ref.indices)
+        if ref.features is None:
+            assert batched[i].features is None
+        else:
+            torch.testing.assert_close(batched[i].features, ref.features)
+            assert torch.equal(batched[i].groups, ref.groups)

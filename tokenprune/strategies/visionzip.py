@@ -22,7 +22,9 @@ import torch.nn.functional as F
 
 from ..config import ConfigError, PruneConfig, check_range
 from ..registry import register_strategy
-from .base import ScoreRequest, Selection, StrategySpec, VisionInfo, VisualTokens, topk_indices
+from .base import (
+    ScoreRequest, Selection, StrategySpec, VisionInfo, VisualTokens, mask_to_indices, rank_desc, topk_indices,
+)
 
 DOMINANT_SHARE = 54 / 64
 
@@ -104,6 +106,50 @@ def visionzip_select(cls_score: torch.Tensor, keys: torch.Tensor, features: torc
     return Selection(indices[order], merged[order], groups)
 
 
+def visionzip_select_batch(cls_score: torch.Tensor, keys: torch.Tensor, features: torch.Tensor,
+                           n_dominant: int, n_contextual: int) -> list[Selection]:
+    """:func:`visionzip_select` for a batch: cls_score [B, N], keys [B, N, d], features [B, N, D]
+    -> one Selection per image, the same as row by row (tested). Every image has the same number
+    of remaining tokens, so targets and members are fixed-size gathers and the merge is one
+    batched matmul + scatter-add (no per-image loop, no host sync)."""
+    b, n = cls_score.shape
+    dev = cls_score.device
+    dominant_mask = rank_desc(cls_score) < n_dominant
+    m = n - n_dominant
+    n_ctx = min(n_contextual, m)
+    dominant = mask_to_indices(dominant_mask, n_dominant)                    # [B, nd] ascending
+    if n_ctx == 0:
+        return [Selection(dominant[i]) for i in range(b)]
+    rest = mask_to_indices(~dominant_mask, m)                                # [B, m] ascending
+    step = max(1, m // n_ctx)
+    is_target = torch.zeros(m, dtype=torch.bool, device=dev)
+    is_target[torch.arange(0, m, step, device=dev)[:n_ctx]] = True
+    targets, members = rest[:, is_target], rest[:, ~is_target]               # [B, nc], [B, nm]
+    gather = lambda x, idx: torch.gather(x, 1, idx[..., None].expand(-1, -1, x.shape[-1]))  # noqa: E731
+    contextual = gather(features, targets).float()
+    assign = None
+    if members.shape[1]:
+        kn = F.normalize(gather(keys, members).float(), dim=-1)
+        kt = F.normalize(gather(keys, targets).float(), dim=-1)
+        assign = torch.argmax(kn @ kt.transpose(1, 2), dim=-1)               # [B, nm]
+        sums = torch.zeros_like(contextual).scatter_add_(
+            1, assign[..., None].expand(-1, -1, features.shape[-1]), gather(features, members).float())
+        counts = torch.zeros(b, n_ctx, device=dev).scatter_add_(1, assign, torch.ones_like(assign, dtype=torch.float))
+        contextual = contextual + torch.where(counts[..., None] > 0, sums / counts.clamp(min=1)[..., None],
+                                              torch.zeros_like(sums))
+    indices = torch.cat([dominant, targets], 1)
+    merged = torch.cat([gather(features, dominant), contextual.to(features.dtype)], 1)
+    order = torch.argsort(indices, dim=1)
+    rank = torch.argsort(order, dim=1)                                       # position in the sorted output
+    groups = torch.full((b, n), -1, dtype=torch.long, device=dev)
+    groups.scatter_(1, indices, rank)
+    if assign is not None:
+        groups.scatter_(1, members, torch.gather(rank[:, n_dominant:], 1, assign))
+    idx_sorted = torch.gather(indices, 1, order)
+    feat_sorted = gather(merged, order)
+    return [Selection(idx_sorted[i], feat_sorted[i], groups[i]) for i in range(b)]
+
+
 def _requests(cfg: VisionZipConfig, info: VisionInfo) -> list[ScoreRequest]:
     return [ScoreRequest(info.feature_layer, "cls"), ScoreRequest(info.feature_layer, "keys")]
 
@@ -115,8 +161,16 @@ def _select(cfg: VisionZipConfig, tokens: VisualTokens, n_keep: int, info: Visio
                             tokens.scores[(info.feature_layer, "keys")], tokens.features, d, c)
 
 
+def _select_batch(cfg: VisionZipConfig, tokens: VisualTokens, n_keep: int, info: VisionInfo) -> list[Selection]:
+    d, c = cfg.split(n_keep)
+    assert tokens.features is not None
+    return visionzip_select_batch(tokens.scores[(info.feature_layer, "cls")],
+                                  tokens.scores[(info.feature_layer, "keys")], tokens.features, d, c)
+
+
 SPEC = register_strategy(StrategySpec(
     name="visionzip", config_cls=VisionZipConfig, stage="vision",
     needs=frozenset({"cls_attention", "keys", "features"}), requests=_requests, select=_select,
+    select_batch=_select_batch,
     paper="Yang et al. 2025, VisionZip, CVPR 2025, arXiv 2412.04467",
 ))
