@@ -112,7 +112,8 @@ def test_two_processes_with_torchrun_equal_one(tmp_path):
     results = glob.glob(str(out / "**" / "*_results.json"), recursive=True)
     assert results, proc.stderr[-3000:]
     two = json.loads(Path(results[0]).read_text())
-    rows2 = [json.loads(line) for line in Path(glob.glob(str(out / "**" / "*.jsonl"), recursive=True)[0]).read_text().splitlines()]
+    samples = Path(glob.glob(str(out / "**" / "*.jsonl"), recursive=True)[0])
+    rows2 = [json.loads(line) for line in samples.read_text().splitlines()]
     assert two["results"][TASK]["exact_match,none"] == single["results"][TASK]["exact_match,none"]
     assert sorted(r["doc_id"] for r in rows2) == list(range(N_DOCS))
     assert {r["doc_id"]: r["filtered_resps"] for r in rows2} == {r["doc_id"]: r["filtered_resps"] for r in rows1}

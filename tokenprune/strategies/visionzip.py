@@ -125,18 +125,20 @@ def visionzip_select_batch(cls_score: torch.Tensor, keys: torch.Tensor, features
     is_target = torch.zeros(m, dtype=torch.bool, device=dev)
     is_target[torch.arange(0, m, step, device=dev)[:n_ctx]] = True
     targets, members = rest[:, is_target], rest[:, ~is_target]               # [B, nc], [B, nm]
-    gather = lambda x, idx: torch.gather(x, 1, idx[..., None].expand(-1, -1, x.shape[-1]))  # noqa: E731
+    rows = torch.arange(b, device=dev)[:, None]
+    gather = lambda x, idx: x[rows, idx]  # noqa: E731  (row-wise take: [B, k, ...])
     contextual = gather(features, targets).float()
     assign = None
     if members.shape[1]:
         kn = F.normalize(gather(keys, members).float(), dim=-1)
         kt = F.normalize(gather(keys, targets).float(), dim=-1)
         assign = torch.argmax(kn @ kt.transpose(1, 2), dim=-1)               # [B, nm]
-        sums = torch.zeros_like(contextual).scatter_add_(
-            1, assign[..., None].expand(-1, -1, features.shape[-1]), gather(features, members).float())
-        counts = torch.zeros(b, n_ctx, device=dev).scatter_add_(1, assign, torch.ones_like(assign, dtype=torch.float))
-        contextual = contextual + torch.where(counts[..., None] > 0, sums / counts.clamp(min=1)[..., None],
-                                              torch.zeros_like(sums))
+        flat = (assign + rows * n_ctx).flatten()                             # target id over the batch
+        d = features.shape[-1]
+        sums = torch.zeros(b * n_ctx, d, device=dev).index_add_(0, flat, gather(features, members).reshape(-1, d).float())
+        counts = torch.bincount(flat, minlength=b * n_ctx).float()[:, None]
+        means = torch.where(counts > 0, sums / counts.clamp(min=1), torch.zeros_like(sums))
+        contextual = contextual + means.reshape(b, n_ctx, d)
     indices = torch.cat([dominant, targets], 1)
     merged = torch.cat([gather(features, dominant), contextual.to(features.dtype)], 1)
     order = torch.argsort(indices, dim=1)
