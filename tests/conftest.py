@@ -45,12 +45,13 @@ def layer_out(x):
 
 
 @torch.no_grad()
-def manual_logits(model, input_ids, embeds, keep, layer=0, positions="original"):
+def manual_logits(model, input_ids, embeds, keep, layer=0, positions="original", merge=None):
     """Reference for one unpadded row: the unpatched decoder fed only the kept tokens by hand.
 
     embeds [1, L, D] (image features already scattered); keep [L] bool. ``layer`` = 0: tokens
     dropped before the LLM; K > 0: layers < K see every token, layers >= K only the kept ones.
     Kept tokens keep their original positions (or are renumbered, positions="compact").
+    ``merge(h) -> h``: applied to the hidden states entering layer K before slicing (HoliTom "M").
     """
     lm = model.model.language_model
     length = embeds.shape[1]
@@ -64,6 +65,8 @@ def manual_logits(model, input_ids, embeds, keep, layer=0, positions="original")
     pe = lm.rotary_emb(h, pos)
     for i, dec in enumerate(lm.layers):
         if layer and i == layer:
+            if merge is not None:
+                h = merge(h)
             h, pos, pe = h[:, idx], pos[:, idx], (pe[0][:, idx], pe[1][:, idx])
         h = layer_out(dec(h, attention_mask=None, position_ids=pos, position_embeddings=pe))
     return model.lm_head(lm.norm(h))

@@ -12,7 +12,8 @@ from conftest import (N_TOK, batch, eager_vision, expected_selections, manual_lo
                       reference_embeds, single)
 
 STRATEGIES = tokenprune.list_strategies()
-EXTRA = {"fopru": [{"mode": "rank"}, {"mode": "row"}], "fastv": [{}, {"layer": 1}]}
+EXTRA = {"fopru": [{"mode": "rank"}, {"mode": "row"}], "fastv": [{}, {"layer": 1}],
+         "holitom_inner": [{}, {"layer": 1, "weighting": "mean"}]}
 CASES = [(s, p) for s in STRATEGIES for p in EXTRA.get(s, [{}])]
 IDS = [s + ("-" + "-".join(map(str, p.values())) if p else "") for s, p in CASES]
 BUDGET = 20
@@ -68,11 +69,28 @@ def test_remove_restores_exactly(model, name, params):
     tokenprune.apply(model, name, budget=BUDGET, **params).remove()  # re-apply works after remove
 
 
+def inner_merge(handle, ids, kept):
+    """Reference of HoliTom's "M" for one row: each image's dropped tokens merged into its kept ones
+    (by the unit-tested ``merge_into_kept``) in the hidden states entering layer K; None otherwise."""
+    if handle.spec.merge_llm is None:
+        return None
+    from tokenprune.strategies.holitom import merge_into_kept
+
+    spans = torch.nonzero(ids[0] == 4).flatten().reshape(-1, N_TOK)
+
+    def merge(hid):
+        hid = hid.clone()
+        for got, span in zip(kept, spans):
+            hid[0, span[got]] = merge_into_kept(hid[0, span], got, handle.config.weighting)
+        return hid
+    return merge
+
+
 @pytest.mark.parametrize("name,params", CASES, ids=IDS)
 @pytest.mark.parametrize("positions", ["original", "compact"])
 def test_pruned_equals_hand_fed_kept_tokens(model, name, params, positions):
-    if name == "fastv" and positions == "compact":
-        pytest.skip("FastV keeps original positions inside the LLM by definition")
+    if name in ("fastv", "holitom_inner") and positions == "compact":
+        pytest.skip("inner-LLM strategies keep original positions inside the LLM by definition")
     inp = single(2)
     clean = copy.deepcopy(model)
     h = tokenprune.apply(model, name, budget=BUDGET, positions=positions, **params)
@@ -99,7 +117,7 @@ def test_pruned_equals_hand_fed_kept_tokens(model, name, params, positions):
         vis = torch.nonzero(ids[0] == 4).flatten().reshape(-1, N_TOK)
         for got, span in zip(st.kept_indices[0], vis):
             assert torch.equal(got, torch.sort(torch.topk(row[span], BUDGET).indices).values)
-        ref = manual_logits(clean, ids, emb, keep, layer=K)
+        ref = manual_logits(clean, ids, emb, keep, layer=K, merge=inner_merge(h, ids, st.kept_indices[0]))
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)
 
 
@@ -126,7 +144,7 @@ def test_cached_generate_equals_uncached_recomputation(model, name, params):
         emb_prompt = reference_embeds(clean, ids, inp["pixel_values"])
         emb = torch.cat([emb_prompt, clean.model.get_input_embeddings()(seq[:, L:])], 1)
         keep = torch.cat([keep_mask(ids[0], kept), torch.ones(seq.shape[1] - L, dtype=torch.bool)])
-        ref = manual_logits(clean, seq, emb, keep, layer=h.llm_layer)
+        ref = manual_logits(clean, seq, emb, keep, layer=h.llm_layer, merge=inner_merge(h, ids, kept))
         n_text_after = int(keep[L - 1:].sum())  # positions of the prompt's last token onwards
         ref_steps = ref[0, -n_text_after:][: len(g.scores)]
         for t, s in enumerate(g.scores):
@@ -194,6 +212,8 @@ def test_no_eager_fallback_and_only_flagged_layers_scored(model, name, params, m
     assert model.config.text_config._attn_implementation == "sdpa"
     expected = {"hiprune": {("vision", 1), ("vision", 2)}, "fopru": {("vision", 2)},
                 "visionzip": {("vision", 2)}, "fastv": {("llm", params.get("layer", 2) - 1)},
+                # holitom_inner: K = round(18 * 3 / 28) = 2 for the 3-layer test LLM
+                "holitom_inner": {("llm", params.get("layer", 2) - 1)},
                 "random": set(), "pool": set()}
     assert set(h.scored_layers) == expected[name]
 

@@ -589,6 +589,7 @@ class PruneHandle:
                 keep[r, span[: self._prefix]] = True
                 keep[r, span[self._prefix + kept]] = True
         self._fill_stats(state, keep, b)
+        fv["keep"] = keep
         # rows must keep equal lengths: pad short rows with "ghost" tokens (dropped visual tokens
         # that stay in the sequence but are hidden as keys from every query)
         dropped = (visual & ~keep).sum(1)
@@ -622,6 +623,8 @@ class PruneHandle:
             idx = rec.idx_k
             hidden = args[0] if args else kwargs["hidden_states"]
             if hidden.shape[1] == rec.full_len:  # layer K: later layers get the short output of K
+                if self.spec.merge_llm is not None:
+                    hidden = self._merge_inner(state, hidden)
                 hidden = take(hidden, idx, 1, 0)
                 if args:
                     args = (hidden,) + tuple(args[1:])
@@ -638,6 +641,18 @@ class PruneHandle:
             new["attention_mask"] = self._inner_mask_decode(state, rec, kwargs, hidden.shape[1])
         state.seconds += time.perf_counter() - t0
         return args, new
+
+    def _merge_inner(self, state: CallState, hidden: torch.Tensor) -> torch.Tensor:
+        """Merge each image's dropped tokens into its kept ones (HoliTom "M") before slicing at K."""
+        keep = state.fastv["keep"].to(hidden.device)
+        visual = state.visual.to(hidden.device)
+        out = hidden.clone()
+        for r in range(hidden.shape[0]):
+            for span in torch.nonzero(visual[r]).flatten().reshape(-1, self._n_img_tokens):
+                grid = span[self._prefix:]
+                kept = torch.nonzero(keep[r, grid]).flatten()
+                out[r, grid[kept]] = self.spec.merge_llm(self.config, hidden[r, grid], kept)  # type: ignore[misc]
+        return out
 
     def _memo(self, state: CallState, t: torch.Tensor, fn) -> torch.Tensor:
         hit = state.memo.get(id(t))

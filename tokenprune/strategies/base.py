@@ -93,6 +93,9 @@ class StrategySpec:
     llm_layer: Callable[[PruneConfig, LLMInfo], int] | None = None
     #: llm stage: (config, last-query attention row over one image's tokens [N], n_keep) -> indices
     select_llm: Callable[[PruneConfig, torch.Tensor, int], torch.Tensor] | None = None
+    #: llm stage, optional: (config, hidden [N, D] of one image's tokens at layer K, kept indices [n])
+    #: -> [n, D] hidden states of the kept tokens with the dropped ones merged in (HoliTom's "M")
+    merge_llm: Callable[[PruneConfig, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     paper: str = ""
 
 

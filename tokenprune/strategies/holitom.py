@@ -33,7 +33,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .base import topk_indices
+from ..config import ConfigError, PruneConfig, check_range
+from ..registry import register_strategy
+from .base import LLMInfo, StrategySpec, topk_indices
+from .fastv import fastv_select
 
 #: defaults of the official scripts (LLaVA-OneVision-7B, 32 frames)
 TAU = 0.8
@@ -249,3 +252,43 @@ def merge_into_kept(hidden: torch.Tensor, keep: torch.Tensor, weighting: str = "
     out = kept * torch.pow(2.0, -counts.double()).to(h.dtype)[:, None]
     out.index_add_(0, target, h[drop] * w[:, None])
     return out.to(hidden.dtype)
+
+
+#: the paper's inner layer for a 28-layer LLM (Qwen2-7B): K = 18
+PAPER_INNER_LAYER, PAPER_INNER_DEPTH = 18, 28
+WEIGHTINGS = ("sequential", "mean")
+
+
+@dataclass(frozen=True)
+class HoliTomInnerConfig(PruneConfig):
+    """HoliTom's inner stage on its own (``holitom_inner``): at LLM layer K keep the visual tokens
+    the last prompt token attends to most (``keep``/``budget`` per image; the paper keeps 0.5) and
+    merge every dropped token into its most similar kept token. ``layer``: K (None: 18 of 28,
+    scaled to the depth); ``weighting``: "sequential" (official pairwise average) or "mean"."""
+
+    name = "holitom_inner"
+    layer: int | None = None
+    weighting: str = "sequential"
+
+    def validate(self) -> None:
+        if self.layer is not None:
+            check_range("layer", self.layer, 1, 10**6, integer=True)
+        if self.weighting not in WEIGHTINGS:
+            raise ConfigError(f"weighting must be one of {WEIGHTINGS}; got {self.weighting!r}")
+
+
+def inner_layer(cfg: HoliTomInnerConfig, info: LLMInfo) -> int:
+    layer = cfg.layer if cfg.layer is not None else max(
+        1, min(info.num_layers - 1, round(PAPER_INNER_LAYER * info.num_layers / PAPER_INNER_DEPTH)))
+    if layer >= info.num_layers:
+        raise ConfigError(f"layer={layer} is out of range for an LLM of {info.num_layers} layers; "
+                          f"use 1..{info.num_layers - 1}")
+    return layer
+
+
+INNER_SPEC = register_strategy(StrategySpec(
+    name="holitom_inner", config_cls=HoliTomInnerConfig, stage="llm", needs=frozenset({"llm_attention"}),
+    llm_layer=inner_layer, select_llm=lambda cfg, row, n: fastv_select(row, n),
+    merge_llm=lambda cfg, hidden, keep: merge_into_kept(hidden, keep, cfg.weighting),
+    paper="Shao et al. 2025, HoliTom (inner-LLM merging), NeurIPS 2025, arXiv 2505.21334",
+))
