@@ -121,6 +121,9 @@ def plot(res: dict[str, Any], path: Path) -> None:
     ax.axhline(100 * res["unpruned"], color="grey", ls=":", label="unpruned")
     ax.set(xscale="log", xlabel=f"visual tokens kept (of {res['tokens']})", ylabel="accuracy %",
            title=f"fidelity on synthetic VQA ({res['n']} questions)")
+    ticks = sorted({r["kept"] for r in res["rows"]})
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.minorticks_off()
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
