@@ -44,6 +44,18 @@ class RunResult:
                 "flops_ratio": round(self.flops_ratio, 3), "kept_indices": [t.tolist() for t in self.kept_indices]}
 
 
+def user_prompt(processor: Any, text: str, n_images: int = 1) -> str:
+    """The chat-template text of one user turn: ``n_images`` images, then ``text``."""
+    content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": text}]
+    return processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
+def to_model(inputs: Any, model: Any, device: Any) -> dict[str, torch.Tensor]:
+    """Processor outputs on ``device``; floating tensors (pixels) in the model's dtype."""
+    return {k: (v.to(device, model.dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items()}
+
+
 def open_image(path: str | Path) -> Image.Image:
     """An RGB image from a file, or a ConfigError that says what is wrong with it."""
     try:
@@ -76,11 +88,8 @@ class Runner:
         self._lock = threading.Lock()
 
     def inputs(self, image: Image.Image, question: str) -> dict[str, torch.Tensor]:
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-        text = self.processor.apply_chat_template(messages, add_generation_prompt=True)
-        enc = self.processor(images=image, text=text, return_tensors="pt")
-        return {k: (v.to(self.device, self.model.dtype) if v.is_floating_point() else v.to(self.device))
-                for k, v in enc.items()}
+        enc = self.processor(images=image, text=user_prompt(self.processor, question), return_tensors="pt")
+        return to_model(enc, self.model, self.device)
 
     @torch.no_grad()
     def run(self, image: Image.Image, question: str, strategy: str | None = None, max_new_tokens: int = 8,

@@ -29,6 +29,7 @@ from lmms_eval.protocol import ChatMessages
 from tqdm import tqdm
 
 import tokenprune
+from tokenprune.runner import to_model, user_prompt
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "auto": "auto"}
 
@@ -130,8 +131,7 @@ class TokenPruneChat(lmms):
         images = [im for p in prompts for im in p[1]]
         gen = prompts[0][2]
         inputs = self.processor(images=images or None, text=texts, return_tensors="pt", padding=True)
-        inputs = {k: (v.to(self.device, self.model.dtype) if v.is_floating_point() else v.to(self.device))
-                  for k, v in inputs.items()}
+        inputs = to_model(inputs, self.model, self.device)
         temperature = gen.get("temperature", 0) or 0
         eos = self.tokenizer.eos_token_id
         timer = _FirstForward(self.model, self.device)
@@ -216,7 +216,5 @@ class TokenPruneSimple(TokenPruneChat):
         visuals = [v for v in doc_to_visual(self.task_dict[task][split][doc_id]) if v is not None]
         if any(not hasattr(v, "size") for v in visuals):
             raise NotImplementedError("only image visuals are supported by the loaded family")
-        content = [{"type": "image"} for _ in visuals] + [{"type": "text", "text": context}]
-        text = self.processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                                  add_generation_prompt=True)
+        text = user_prompt(self.processor, context, len(visuals))
         return text, [v.convert("RGB") for v in visuals], dict(gen_kwargs)

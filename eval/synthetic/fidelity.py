@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 import tokenprune
+from tokenprune.runner import user_prompt
 
 from ..results_io import save_results
 from .scenes import render, to_pil
@@ -35,9 +36,7 @@ def load(path: str | Path = DEFAULT_MODEL):
 def prepare(processor: Any, samples: list[Sample]) -> dict[str, Any]:
     """Processor inputs of every sample (left-padded), answer token ids, object-patch masks."""
     imgs, labels = render([s.scene for s in samples])
-    texts = [processor.apply_chat_template(
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": s.question}]}],
-        add_generation_prompt=True) for s in samples]
+    texts = [user_prompt(processor, s.question) for s in samples]
     enc = processor(images=[to_pil(i) for i in imgs], text=texts, return_tensors="pt", padding=True)
     answers = torch.tensor([processor.tokenizer(s.answer).input_ids[0] for s in samples])
     return {"inputs": enc, "answers": answers, "objects": labels[..., 1].reshape(len(samples), -1) > 0,
