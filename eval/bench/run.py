@@ -46,7 +46,6 @@ class _LMTimer:
             e = torch.cuda.Event(enable_timing=True)
             e.record()
             return e
-        import time
         return time.perf_counter()
 
     def _pre(self, *a: Any) -> None:
@@ -56,7 +55,6 @@ class _LMTimer:
         self.spans.append((self._start, self._now()))
 
     def median_ms(self) -> float:
-        import statistics
         if self.cuda:
             torch.cuda.synchronize()
             ms = [s.elapsed_time(e) for s, e in self.spans]
@@ -136,7 +134,7 @@ class Bench:
         def vision() -> Any:
             return core.get_image_features(pixel_values=inputs["pixel_values"])
 
-        def measure(tag_kv: Any, decode: bool) -> dict[str, Any]:
+        def measure(decode: bool) -> dict[str, Any]:
             timer = _LMTimer(core.language_model, self.device)
             ttft = self.t(forward)
             llm = timer.median_ms()
@@ -150,7 +148,7 @@ class Bench:
                 out["decode_tok_s"] = batch * steps / max(1e-9, (gen - ttft) / 1000)
             return out
 
-        base = measure(None, decode=True)
+        base = measure(decode=True)
         bar.update()
         emb_full = core.get_input_embeddings()(ids)
         emb_full = emb_full.masked_scatter((ids == family.image_token_id)[..., None],
@@ -160,7 +158,7 @@ class Bench:
             for name in self.strategies:
                 h = tokenprune.apply(model, name, budget=budget)
                 try:
-                    res = measure(None, decode=budget == min(mp.budgets))
+                    res = measure(decode=budget == min(mp.budgets))
                     st = h.last_stats
                     kept = [[t.clone() for t in row] for row in st.kept_indices]
                     row = {"model": mp.name, "batch": batch, "strategy": name, "tokens_in": n_in,
