@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import platform
+import statistics
+import time
 from pathlib import Path
 from typing import Any
 
