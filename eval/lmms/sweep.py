@@ -100,7 +100,9 @@ def plot(res: dict[str, Any], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(prog="tokenprune sweep", description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=str(Path(__file__).resolve().parents[2] / "assets" / "tiny-llava-vqa"))
+    from tokenprune.runner import DEFAULT_MODEL
+
+    ap.add_argument("--model", default=str(DEFAULT_MODEL))
     ap.add_argument("--tasks", nargs="+", default=["tokenprune_vqa"])
     ap.add_argument("--strategies", nargs="+", default=["hiprune", "visionzip", "fastv", "random"])
     ap.add_argument("--keeps", nargs="+", type=float, default=[0.333, 0.111])

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 import tokenprune
-from tokenprune.runner import user_prompt
+from tokenprune.runner import DEFAULT_MODEL, user_prompt
 
 from ..results_io import save_results
 from .scenes import render, to_pil
@@ -23,7 +23,6 @@ from .splits import Sample, split
 
 KEEPS = (1.0, 0.5, 0.333, 0.222, 0.111, 0.056)
 STRATEGIES = ("hiprune", "visionzip", "fopru", "fastv", "random", "pool")
-DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "assets" / "tiny-llava-vqa"
 
 
 def load(path: str | Path = DEFAULT_MODEL):
