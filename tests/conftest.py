@@ -109,7 +109,8 @@ def expected_selections(handle, model, px):
                 k = keys[r.layer][i]
                 scores[(r.layer, "keys")] = k.reshape(k.shape[0], heads, -1).float().mean(1)[1:]
         tokens = VisualTokens(grid=info.grid, features=feats[i], scores=scores)
-        sels.append(handle.spec.select(handle.config, tokens, handle._n_keep, info))
+        n_keep = handle.config.tokens_for(handle.family.tokens_per_image) - handle.family.num_prefix
+        sels.append(handle.spec.select(handle.config, tokens, n_keep, info))
     return sels, feats
 
 

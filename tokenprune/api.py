@@ -60,11 +60,17 @@ def apply(model: nn.Module, strategy: str | PruneConfig, **params: Any) -> Prune
             raise IncompatibleStrategyError(
                 f"strategy {spec.name!r} needs {sorted(missing)}, which family {family.name!r} "
                 f"cannot provide; strategies that fit: {fits}")
-        if config.tokens_for(family.tokens_per_image) <= family.num_prefix:
+        n_img = family.tokens_per_image
+        if n_img is not None and config.tokens_for(n_img) <= family.num_prefix:
             raise ConfigError(
                 f"the budget must leave at least one patch token after the {family.num_prefix} "
                 f"always-kept prefix token(s)")
         handle = PruneHandle(model, family, spec, config)  # resolves layers; may raise ConfigError
+        if handle.llm_layer is not None and handle.llm_layer < family.min_inner_layer:
+            raise ConfigError(
+                f"{spec.name} drops tokens at LLM layer {handle.llm_layer}, but family {family.name!r} "
+                f"still adds visual features inside layers < {family.min_inner_layer} (DeepStack); "
+                f"use layer >= {family.min_inner_layer}")
         _APPLIED[model] = handle
     return handle.install()
 

@@ -19,10 +19,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .attention import last_row_attention, vision_reductions
+from .attention import last_row_attention
 from .config import PruneConfig
-from .errors import UnsupportedCallError
-from .family import Family
+from .errors import ConfigError, UnsupportedCallError
+from .family import Family, ImageLayout, Unit
 from .stats import PruneStats, layer_flops
 from .strategies.base import Selection, StrategySpec, VisualTokens
 
@@ -101,17 +101,35 @@ MAX_PENDING = 8
 
 
 def _find_encoding(encoded: list["Encoded"], f: torch.Tensor) -> tuple["Encoded", int] | None:
-    """The (encoding, image index) whose projector output row is ``f`` (same storage or equal)."""
+    """The (encoding, image index) whose projector output rows are ``f`` (same storage or equal)."""
     for e in reversed(encoded):
-        for i in range(e.output.shape[0]):
-            if e.output[i].data_ptr() == f.data_ptr() and e.output[i].shape == f.shape:
+        for i, row in enumerate(e.outputs):
+            if row.data_ptr() == f.data_ptr() and row.shape == f.shape:
                 return e, i
     for e in reversed(encoded):
-        for i in range(e.output.shape[0]):
-            row = e.output[i]
+        for i, row in enumerate(e.outputs):
             if row.shape == f.shape and torch.equal(row, f.to(row.device, row.dtype)):
                 return e, i
     return None
+
+
+def split_budget(total: int, sizes: list[int]) -> list[int]:
+    """Split ``total`` kept tokens evenly over units of ``sizes`` tokens (the first units get the
+    remainder; a unit never gets more than it has, the rest moves on). Sums to ``total``."""
+    out = [0] * len(sizes)
+    left, open_units = total, list(range(len(sizes)))
+    while left > 0 and open_units:
+        base, rem = divmod(left, len(open_units))
+        nxt = []
+        for j, u in enumerate(open_units):
+            want = base + (1 if j < rem else 0)
+            got = min(want, sizes[u] - out[u])
+            out[u] += got
+            left -= got
+            if out[u] < sizes[u]:
+                nxt.append(u)
+        open_units = nxt
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -132,13 +150,33 @@ class PruneRecord:
 
 
 @dataclass
+class ImageSel:
+    """What was selected for one image (or video): ``keep`` [n_tokens] over its placeholder run
+    (prefix included); ``groups`` (merging strategies) as :attr:`PruneStats.merge_groups`."""
+
+    keep: torch.Tensor
+    groups: torch.Tensor | None = None
+
+
+@dataclass
+class Span:
+    """One image's (or video's) placeholder run in the LLM input: batch row and columns."""
+
+    row: int
+    cols: torch.Tensor
+    modality: str
+
+
+@dataclass
 class VisionCall:
     """State of one vision-encoder + projector pass (may run before the forward that uses it:
     transformers 5.24's ``generate`` encodes images first and passes ``mm_encoder_outputs``)."""
 
+    meta: Any = None
+    scratch: dict[Any, Any] = field(default_factory=dict)   # the family's captured tensors
     scores: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
-    qk: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
-    selections: list[Selection] | None = None
+    images: list[ImageSel] | None = None
+    layouts: list[ImageLayout] | None = None
     seconds: float = 0.0
 
 
@@ -146,18 +184,22 @@ class VisionCall:
 class Encoded:
     """A projector output and the selections made for its images, waiting to be scattered."""
 
-    output: torch.Tensor                   # [n_img, N, D]
-    selections: list[Selection]
+    outputs: list[torch.Tensor]            # per image: its rows of the projector output
+    images: list[ImageSel]
     seconds: float
     seq: int                               # increasing per handle: orders encodings and calls
 
 
 @dataclass
 class CallState:
-    visual: torch.Tensor | None = None                     # [B, L] placeholder mask
-    images: list[int] = field(default_factory=list)        # batch row of each image, in order
+    visual: torch.Tensor | None = None                     # [B, L] placeholder mask (all modalities)
+    spans: list[Span] = field(default_factory=list)        # images then videos, encoder order
+    images: list[int] = field(default_factory=list)        # batch row of each span
     encoded_mark: int = 0                                  # first encoding seq of this call
-    given: list[torch.Tensor] | None = None                # pre-encoded image features, if passed
+    given: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # pre-encoded features
+    from_forward: list[str] = field(default_factory=list)  # modalities encoded inside this call
+    vision_segments: list[int] = field(default_factory=list)
+    caller_positions: bool = True                          # position_ids came from the caller
     qk: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
     seconds: float = 0.0
     stats: PruneStats | None = None
@@ -194,9 +236,8 @@ class PruneHandle:
         self._removed = False
         info = family.vision_info
         self._prefix = family.num_prefix
-        self._n_img_tokens = family.tokens_per_image
-        self._n_keep_total = config.tokens_for(self._n_img_tokens)
-        self._n_keep = self._n_keep_total - self._prefix
+        if family.tokens_per_image is not None:   # fixed grid: check the budget now
+            config.tokens_for(family.tokens_per_image)
         self.requests = spec.requests(config, info) if spec.stage == "vision" else []
         self.llm_layer = spec.llm_layer(config, family.llm_info) if spec.stage == "llm" else None
         #: layers whose attention rows are materialised (vision layers, or LLM layer K-1)
@@ -219,13 +260,15 @@ class PruneHandle:
             for r in self.requests:
                 kinds.setdefault(r.layer, set()).add(r.kind)
             for layer, ks in kinds.items():
-                va = fam.vision_attention(layer)
-                self._add(va.q_source.register_forward_hook(self._capture(layer, "q")))
-                self._add(va.k_source.register_forward_hook(self._capture(layer, "k")))
-                self._add(va.module.register_forward_hook(self._reduce_vision(layer, va, ks)))
-            self._add(fam.vision_tower.register_forward_pre_hook(self._vision_pre))
-            self._add(fam.projector.register_forward_pre_hook(self._projector_pre))
-            self._add(fam.projector.register_forward_hook(self._projector_post))
+                for h in fam.install_vision_capture(layer, ks, self._store, self._scratch):
+                    self._add(h)
+            self._add(fam.vision_tower.register_forward_pre_hook(self._vision_pre, with_kwargs=True))
+            sel = fam.selection_module
+            if fam.select_on_output:
+                self._add(sel.register_forward_hook(self._selection_on_output))
+            else:
+                self._add(sel.register_forward_pre_hook(self._selection_on_input))
+                self._add(sel.register_forward_hook(self._selection_post))
         else:
             k = self.llm_layer
             la = fam.llm_attention(k - 1)
@@ -265,135 +308,243 @@ class PruneHandle:
 
     # -- outer model: start / end of one call ---------------------------------------------------
     def _outer_pre(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        visual = self.family.visual_mask(args, kwargs)
-        state = CallState()
-        if visual is not None and bool(visual.any()):
-            counts = visual.sum(dim=1)
-            if bool((counts % self._n_img_tokens != 0).any()):
-                raise UnsupportedCallError(
-                    f"visual placeholder counts per row {counts.tolist()} are not multiples of "
-                    f"{self._n_img_tokens} tokens per image")
-            state.visual = visual
-            for row, c in enumerate((counts // self._n_img_tokens).tolist()):
-                state.images.extend([row] * c)
+        fam = self.family
+        state = CallState(caller_positions=kwargs.get("position_ids") is not None)
+        masks = fam.placeholder_masks(args, kwargs)
+        masks = {m: v for m, v in masks.items() if v is not None and bool(v.any())}
+        if masks:
+            state.visual = torch.stack(list(masks.values())).any(0)
+            counts = fam.placeholder_counts(args, kwargs)
+            if counts is None:
+                n = fam.tokens_per_image
+                per_row = masks["image"].sum(dim=1)
+                if bool((per_row % n != 0).any()):
+                    raise UnsupportedCallError(
+                        f"visual placeholder counts per row {per_row.tolist()} are not multiples of "
+                        f"{n} tokens per image")
+                counts = {"image": [n] * (int(per_row.sum()) // n)}
+            for m in fam.pixel_keys:
+                if m in masks:
+                    state.spans.extend(self._spans(masks[m], counts.get(m, []), m))
+            state.images = [sp.row for sp in state.spans]
+            state.vision_segments = fam.vision_segments(args, kwargs, counts)
             state.stats = PruneStats(strategy=self.spec.name)
             state.encoded_mark = self._seq
-
-            given = (kwargs.get("mm_encoder_outputs") or {}).get("image")
-            if given is not None and kwargs.get("pixel_values") is None:
-                state.given = list(given.pooler_output)
+            given_all = kwargs.get("mm_encoder_outputs") or {}
+            for m, key in fam.pixel_keys.items():
+                if m not in masks:
+                    continue
+                given = given_all.get(m)
+                if given is not None and kwargs.get(key) is None:
+                    state.given[m] = list(given.pooler_output)
+                else:
+                    state.from_forward.append(m)
         self._state.set(state)
+
+    @staticmethod
+    def _spans(mask: torch.Tensor, counts: list[int], modality: str) -> list[Span]:
+        """Cut a modality's placeholders (row-major, the order ``masked_scatter`` fills) into runs."""
+        pos = torch.nonzero(mask)
+        if sum(counts) != pos.shape[0]:
+            raise UnsupportedCallError(
+                f"{pos.shape[0]} {modality} placeholder tokens in the prompt, but the {modality} inputs "
+                f"give {sum(counts)} tokens ({counts})")
+        spans, start = [], 0
+        for c in counts:
+            chunk = pos[start:start + c]
+            start += c
+            if bool((chunk[:, 0] != chunk[0, 0]).any()):
+                raise UnsupportedCallError(f"a {modality}'s placeholder tokens span several batch rows")
+            spans.append(Span(row=int(chunk[0, 0]), cols=chunk[:, 1].clone(), modality=modality))
+        return spans
 
     def _outer_post(self, module: nn.Module, args: tuple, output: Any) -> None:
         self._state.set(None)
 
     # -- attention capture --------------------------------------------------------------------
     def _capture(self, layer: int, which: str):
+        """LLM layer K-1's q / k projection outputs (inner-LLM strategies, prefill only)."""
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            if self.spec.stage == "vision":
-                target = self._vision.get()
-            else:
-                target = self._state.get()
-                if target is None or target.fastv is None or "idx" in target.fastv:
-                    return
-            if target is not None:
-                target.qk.setdefault(layer, {})[which] = output
+            target = self._state.get()
+            if target is None or target.fastv is None or "idx" in target.fastv:
+                return
+            target.qk.setdefault(layer, {})[which] = output
         return hook
 
-    def _reduce_vision(self, layer: int, va: Any, kinds: set[str]):
-        def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            state = self._vision.get()
-            if state is None or layer not in state.qk:
-                return
-            t0 = time.perf_counter()
-            qk = state.qk.pop(layer)
-            for kind, value in vision_reductions(qk["q"], qk["k"], va.num_heads, va.scale, kinds).items():
-                state.scores[(layer, kind)] = value
-            state.seconds += time.perf_counter() - t0
-        return hook
+    def _scratch(self) -> dict[Any, Any] | None:
+        state = self._vision.get()
+        return None if state is None else state.scratch
+
+    def _store(self, layer: int, compute) -> None:
+        """Called by the family's capture hooks once per scored vision layer and pass."""
+        state = self._vision.get()
+        if state is None:
+            return
+        t0 = time.perf_counter()
+        for kind, value in compute().items():
+            state.scores[(layer, kind)] = value
+        state.seconds += time.perf_counter() - t0
 
     # -- vision stage: score in the encoder, select at the projector input --------------------
-    def _vision_pre(self, module: nn.Module, args: tuple) -> None:
-        self._vision.set(VisionCall())
+    def _vision_pre(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        self._vision.set(VisionCall(meta=self.family.vision_begin(args, kwargs)))
 
-    def _projector_pre(self, module: nn.Module, args: tuple) -> tuple | None:
+    def _selection_on_input(self, module: nn.Module, args: tuple) -> tuple | None:
         state = self._vision.get()
         if state is None:
             return None
-        t0 = time.perf_counter()
-        feats = args[0]                              # [n_img, P + h*w, D]
-        info, p = self.family.vision_info, self._prefix
-        cls_off = 1 if info.has_cls else 0
-        merged = None
-        batched = None
-        if self.spec.select_batch is not None:   # one call for all images: no per-image loop / syncs
-            tokens = VisualTokens(grid=info.grid, features=feats[:, p:],
-                                  scores={key: v[:, cls_off:] for key, v in state.scores.items()})
-            batched = self.spec.select_batch(self.config, tokens, self._n_keep, info)
-        selections = []
-        for i in range(feats.shape[0]):
-            if batched is not None:
-                sel = batched[i]
-            else:
-                scores = {key: v[i, cls_off:] for key, v in state.scores.items()}
-                tokens = VisualTokens(grid=info.grid, features=feats[i, p:], scores=scores)
-                sel = self.spec.select(self.config, tokens, self._n_keep, info)  # type: ignore[misc]
-            if sel.indices.numel() != self._n_keep:
-                raise RuntimeError(f"strategy {self.spec.name} kept {sel.indices.numel()} tokens, "
-                                   f"budget is {self._n_keep}")
-            if sel.features is not None:
-                if merged is None:
-                    merged = feats.clone()
-                merged[i, p + sel.indices.to(feats.device)] = sel.features.to(feats.device, feats.dtype)
-            selections.append(sel)
-        state.selections = selections
-        state.scores.clear()
-        state.seconds += time.perf_counter() - t0
-        if merged is not None:
-            return (merged,) + tuple(args[1:])
-        return None
+        new = self._select(state, args[0])
+        return None if new is None else (new,) + tuple(args[1:])
 
-    def _projector_post(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+    def _selection_post(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         state = self._vision.get()
         self._vision.set(None)
-        if state is None or state.selections is None:
+        if state is None or state.images is None:
             return
+        self._remember(state, output)
+
+    def _selection_on_output(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        state = self._vision.get()
+        self._vision.set(None)
+        if state is None:
+            return None
+        new = self._select(state, output)
+        out = output if new is None else new
+        self._remember(state, out)
+        return new
+
+    def _remember(self, state: VisionCall, output: torch.Tensor) -> None:
+        t0 = time.perf_counter()
+        outputs = self.family.image_outputs(output, state.layouts, state.meta)
+        state.seconds += time.perf_counter() - t0
         encoded = self._encoded()
         with self._lock:
             self._seq += 1
             seq = self._seq
-        encoded.append(Encoded(output, state.selections, state.seconds, seq))
+        encoded.append(Encoded(outputs, state.images, state.seconds, seq))
         del encoded[:-MAX_PENDING]
+
+    def _select(self, state: VisionCall, x: torch.Tensor) -> torch.Tensor | None:
+        """Select in every unit of every image of one pass; returns the tensor with merged
+        features written in (None when no strategy merged)."""
+        t0 = time.perf_counter()
+        flat, layouts = self.family.vision_layout(x, state.scores, state.meta)
+        state.scores.clear()
+        units: list[tuple[Unit, int]] = []
+        for lay in layouts:
+            total = self.config.tokens_for(lay.n_tokens) - lay.prefix
+            if total < 1:
+                raise ConfigError(f"the budget must leave at least one visual token after the {lay.prefix} "
+                                  f"prefix token(s); got {total + lay.prefix} of {lay.n_tokens}")
+            sizes = [u.rows.numel() for u in lay.units]
+            units.extend(zip(lay.units, split_budget(total, sizes)))
+        sels = self._select_units(flat, units)
+        merged = None
+        for (u, n_keep), sel in zip(units, sels):
+            if sel.indices.numel() != n_keep:
+                raise RuntimeError(f"strategy {self.spec.name} kept {sel.indices.numel()} tokens, "
+                                   f"budget is {n_keep}")
+            if sel.features is not None:
+                if merged is None:
+                    merged = flat.clone()
+                merged[u.rows[sel.indices.to(u.rows.device)]] = sel.features.to(flat.device, flat.dtype)
+        state.images, state.layouts = [], layouts
+        it = iter(sels)
+        for lay in layouts:
+            state.images.append(self._image_sel(lay, [next(it) for _ in lay.units]))
+        state.seconds += time.perf_counter() - t0
+        return None if merged is None else self.family.vision_restore(merged, x, state.meta)
+
+    def _select_units(self, flat: torch.Tensor, units: list[tuple[Unit, int]]) -> list[Selection]:
+        """One strategy call per unit, or one batched call per group of same-shaped units."""
+        info = self.family.vision_info
+        out: list[Selection | None] = [None] * len(units)
+        if self.spec.select_batch is not None:
+            groups: dict[tuple, list[int]] = {}
+            for i, (u, n_keep) in enumerate(units):
+                groups.setdefault((u.grid, n_keep), []).append(i)
+            for (grid, n_keep), members in groups.items():
+                if n_keep == 0:
+                    continue
+                feats = torch.stack([flat[units[i][0].rows] for i in members])
+                scores = {key: torch.stack([units[i][0].scores[key] for i in members])
+                          for key in units[members[0]][0].scores}
+                batched = self.spec.select_batch(self.config, VisualTokens(grid=grid, features=feats, scores=scores),
+                                                 n_keep, info)
+                if batched is not None:
+                    for i, sel in zip(members, batched):
+                        out[i] = sel
+        for i, (u, n_keep) in enumerate(units):
+            if out[i] is None:
+                if n_keep == 0:
+                    out[i] = Selection(torch.zeros(0, dtype=torch.long, device=flat.device))
+                    continue
+                tokens = VisualTokens(grid=u.grid, features=flat[u.rows], scores=u.scores)
+                out[i] = self.spec.select(self.config, tokens, n_keep, info)  # type: ignore[misc]
+        return out  # type: ignore[return-value]
+
+    @staticmethod
+    def _image_sel(lay: ImageLayout, sels: list[Selection]) -> ImageSel:
+        keep = torch.zeros(lay.n_tokens, dtype=torch.bool)
+        keep[: lay.prefix] = True
+        off, groups, kept_before = lay.prefix, [], 0
+        for u, sel in zip(lay.units, sels):
+            n = u.rows.numel()
+            idx = sel.indices.cpu()
+            keep[off + idx] = True
+            if sel.groups is not None:
+                g = sel.groups.cpu().clone()
+            else:
+                g = torch.full((n,), -1, dtype=torch.long)
+                g[idx] = torch.arange(idx.numel())
+            groups.append(torch.where(g >= 0, g + kept_before, g))
+            kept_before += idx.numel()
+            off += n
+        merged = any(sel.groups is not None for sel in sels)
+        return ImageSel(keep=keep, groups=torch.cat(groups) if merged else None)
 
     def _encoded(self) -> list[Encoded]:
         """This thread's recent encodings (newest last)."""
         with self._lock:
             return self._encoded_by_thread.setdefault(threading.get_ident(), [])
 
-    def _take_selections(self, state: CallState) -> list[Selection]:
-        """Selections of the images of this call, in placeholder order."""
+    def _take_selections(self, state: CallState) -> list[ImageSel]:
+        """Selections of the images / videos of this call, in span order."""
         encoded = self._encoded()
-        if state.given is None:  # encoded inside this forward call
-            mine = [e for e in encoded if e.seq > state.encoded_mark]
-            sels = [s for e in mine for s in e.selections]
-            state.seconds += sum(e.seconds for e in mine)
-        else:  # pre-encoded (generate in transformers >= 5.24): find each image's encoding
+        mine = iter([e for e in encoded if e.seq > state.encoded_mark])  # encoded inside this call
+        by_modality: dict[str, list[ImageSel]] = {}
+        for m in state.from_forward:
+            e = next(mine, None)
+            if e is None:
+                break
+            by_modality[m] = e.images
+            state.seconds += e.seconds
+        for m, given in state.given.items():
             sels, used = [], set()
-            for f in state.given:
+            for f in given:
                 hit = _find_encoding(encoded, f)
                 if hit is None:
                     raise UnsupportedCallError(
                         "pre-computed image features (mm_encoder_outputs) were not produced by this "
                         "patched model; pass pixel_values instead")
                 e, i = hit
-                sels.append(e.selections[i])
+                sels.append(e.images[i])
                 if id(e) not in used:
                     used.add(id(e))
                     state.seconds += e.seconds
-        if len(sels) != len(state.images):
-            raise UnsupportedCallError(
-                f"{len(sels)} encoded images for {len(state.images)} images in the prompt")
-        return sels
+            by_modality[m] = sels
+        out: list[ImageSel] = []
+        for m in self.family.pixel_keys:
+            spans = [sp for sp in state.spans if sp.modality == m]
+            got = by_modality.get(m, [])
+            if len(got) != len(spans):
+                raise UnsupportedCallError(f"{len(got)} encoded {m}s for {len(spans)} {m}s in the prompt")
+            for sp, im in zip(spans, got):
+                if im.keep.numel() != sp.cols.numel():
+                    raise UnsupportedCallError(
+                        f"an encoded {m} has {im.keep.numel()} tokens but its placeholder run has {sp.cols.numel()}")
+            out.extend(got)
+        return out
 
     # -- language model entry: prune inputs (prefill) or follow a record (decode) ---------------
     def _lm_pre(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]):
@@ -407,7 +558,7 @@ class PruneHandle:
             if record is None:
                 return None  # text-only call: pass-through
             state.record = record
-            return args, self._decode_inputs(record, kwargs, cache)
+            return args, self._decode_inputs(record, kwargs, cache, state.caller_positions)
         if record is not None or _seq_len(cache) > 0:
             raise UnsupportedCallError(
                 "pruning a prefill that continues a non-empty KV cache is not supported; "
@@ -440,20 +591,15 @@ class PruneHandle:
         visual = state.visual
         embeds = kwargs["inputs_embeds"]
         b, length = visual.shape
-        flags = []
-        selections = self._take_selections(state)
-        for sel in selections:
-            f = torch.zeros(self._n_img_tokens, dtype=torch.bool, device=visual.device)
-            f[: self._prefix] = True
-            f[self._prefix + sel.indices.to(visual.device)] = True
-            flags.append(f)
+        images = self._take_selections(state)
         keep = ~visual
-        keep[visual] = torch.cat(flags)
+        for sp, im in zip(state.spans, images):
+            keep[sp.row, sp.cols.to(visual.device)] = im.keep.to(visual.device)
         self._fill_stats(state, keep, b)
         assert state.stats is not None
         state.stats.merge_groups = [[] for _ in range(b)]
-        for row, sel in zip(state.images, selections):
-            state.stats.merge_groups[row].append(None if sel.groups is None else sel.groups.cpu())
+        for row, im in zip(state.images, images):
+            state.stats.merge_groups[row].append(im.groups)
         dropped_mask = visual & ~keep
         self._fill_flops(state, length, int(keep.sum(1).max()), b)
         if not bool(dropped_mask.any()):
@@ -476,11 +622,19 @@ class PruneHandle:
             shift = torch.cumsum(dropped_mask.long(), dim=1)
             pos = pos - (shift if pos.dim() == 2 else shift[None])
         new["position_ids"] = take_positions(pos, idx)
+        self.family.prune_lm_kwargs(new, kwargs, keep, idx)
         state.pending = PruneRecord(full_len=length, idx=idx, dropped=dropped_mask.sum(1), compact=compact)
         state.seconds += time.perf_counter() - t0
         return new
 
-    def _decode_inputs(self, rec: PruneRecord, kwargs: dict[str, Any], cache: Any) -> dict[str, Any]:
+    def _decode_inputs(self, rec: PruneRecord, kwargs: dict[str, Any], cache: Any,
+                       caller_positions: bool = True) -> dict[str, Any]:
+        """Decode step after an input-level prune: re-slice the full-length 2D mask and keep
+        positions consistent with the prefill's numbering (original or compact).
+
+        Positions given by the caller (``generate``) follow the unpruned numbering; positions the
+        model derives from the (shorter) cache itself, as Qwen's ``rope_deltas`` path does, follow
+        the pruned one."""
         if rec.idx is None:
             return kwargs  # inner-LLM record: the LLM input is not pruned
         new = dict(kwargs)
@@ -500,9 +654,10 @@ class PruneHandle:
         if pos is None:
             offset = 0 if rec.compact else rec.full_len - n_new
             new["position_ids"] = (torch.arange(q, device=rec.idx.device) + past + offset)[None].expand(b, q)
-        elif rec.compact:
+        elif rec.compact == caller_positions:
             d = rec.dropped.to(pos.device)
-            new["position_ids"] = pos - (d[:, None] if pos.dim() == 2 else d[None, :, None])
+            d = d[:, None] if pos.dim() == 2 else d[None, :, None]
+            new["position_ids"] = pos - d if rec.compact else pos + d
         return new
 
     # -- statistics -------------------------------------------------------------------------
@@ -517,15 +672,14 @@ class PruneHandle:
             st.kept_indices[row].append(kept)
 
     def _image_kept(self, state: CallState, keep: torch.Tensor) -> list[torch.Tensor]:
-        flags = keep[state.visual].reshape(-1, self._n_img_tokens)
-        return [torch.nonzero(f).flatten().cpu() for f in flags]
+        return [torch.nonzero(keep[sp.row, sp.cols.to(keep.device)]).flatten().cpu() for sp in state.spans]
 
     def _fill_flops(self, state: CallState, length: int, kept_len: int, b: int,
                     split_layer: int | None = None) -> None:
         st = state.stats
-        vd, v_layers, v_tokens = self.family.vision_dims()
+        vd, v_layers, _ = self.family.vision_dims()
         ld, l_layers = self.family.llm_dims()
-        vision = len(state.images) * v_layers * layer_flops(v_tokens, vd, causal=False)
+        vision = v_layers * sum(layer_flops(n, vd, causal=False) for n in state.vision_segments)
         full = b * l_layers * layer_flops(length, ld, causal=True)
         k = 0 if split_layer is None else split_layer
         after = b * (k * layer_flops(length, ld, True) + (l_layers - k) * layer_flops(kept_len, ld, True))
@@ -581,13 +735,13 @@ class PruneHandle:
         row = last_row_attention(q, kk, la.scaling, valid)                      # [B, L]
         visual = state.visual.to(dev)
         keep = ~visual
-        n_img = self._n_img_tokens
-        for r in range(b):
-            pos = torch.nonzero(visual[r]).flatten().reshape(-1, n_img)
-            for span in pos:
-                kept = self.spec.select_llm(self.config, row[r, span[self._prefix:]], self._n_keep)
-                keep[r, span[: self._prefix]] = True
-                keep[r, span[self._prefix + kept]] = True
+        p = self._prefix
+        for sp in state.spans:
+            span = sp.cols.to(dev)
+            n_keep = self.config.tokens_for(span.numel()) - p
+            kept = self.spec.select_llm(self.config, row[sp.row, span[p:]], n_keep)
+            keep[sp.row, span[:p]] = True
+            keep[sp.row, span[p + kept]] = True
         self._fill_stats(state, keep, b)
         fv["keep"] = keep
         # rows must keep equal lengths: pad short rows with "ghost" tokens (dropped visual tokens
@@ -645,13 +799,11 @@ class PruneHandle:
     def _merge_inner(self, state: CallState, hidden: torch.Tensor) -> torch.Tensor:
         """Merge each image's dropped tokens into its kept ones (HoliTom "M") before slicing at K."""
         keep = state.fastv["keep"].to(hidden.device)
-        visual = state.visual.to(hidden.device)
         out = hidden.clone()
-        for r in range(hidden.shape[0]):
-            for span in torch.nonzero(visual[r]).flatten().reshape(-1, self._n_img_tokens):
-                grid = span[self._prefix:]
-                kept = torch.nonzero(keep[r, grid]).flatten()
-                out[r, grid[kept]] = self.spec.merge_llm(self.config, hidden[r, grid], kept)  # type: ignore[misc]
+        for sp in state.spans:
+            r, grid = sp.row, sp.cols.to(hidden.device)[self._prefix:]
+            kept = torch.nonzero(keep[r, grid]).flatten()
+            out[r, grid[kept]] = self.spec.merge_llm(self.config, hidden[r, grid], kept)  # type: ignore[misc]
         return out
 
     def _memo(self, state: CallState, t: torch.Tensor, fn) -> torch.Tensor:

@@ -6,7 +6,7 @@ The engine only talks to this interface.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Sequence
 
 import torch
@@ -43,8 +43,43 @@ class LLMAttention:
     rotary: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+@dataclass
+class Unit:
+    """What one strategy call selects within: one image, or one frame group of a video.
+
+    ``rows``: [N] rows of the flattened tensor at the selection point holding the unit's tokens in
+    placeholder (raster) order; ``grid``: (h, w) with h*w = N; ``scores``: (layer, kind) ->
+    [N] or [N, d], already mapped to those tokens.
+    """
+
+    rows: torch.Tensor
+    grid: tuple[int, int]
+    scores: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class ImageLayout:
+    """One image (or video) as its placeholder run sees it: ``prefix`` tokens that are always
+    kept (a CLS placeholder), then the units' tokens one after another."""
+
+    prefix: int
+    units: list[Unit]
+
+    @property
+    def n_tokens(self) -> int:
+        return self.prefix + sum(u.rows.numel() for u in self.units)
+
+
+StoreFn = Callable[[int, Callable[[], dict[str, torch.Tensor]]], None]
+ScratchFn = Callable[[], "dict[Any, Any] | None"]
+
+
 class Family:
-    """Base class of family adapters. Subclasses set the class attributes and the properties."""
+    """Base class of family adapters. Subclasses set the class attributes and the properties.
+
+    The defaults describe a LLaVA-1.5-like model: one fixed grid per image, selection at the
+    projector input ``[n_img, prefix + h*w, D]``, vision q/k from ``vision_attention(layer)``.
+    """
 
     name: ClassVar[str] = ""
     model_types: ClassVar[tuple[str, ...]] = ()
@@ -66,10 +101,93 @@ class Family:
     image_token_id: int
     num_prefix: int             #: placeholder tokens per image before the grid (a kept CLS)
 
+    #: which call argument carries the pixels of each modality (encoder calls come in this order)
+    pixel_keys: ClassVar[dict[str, str]] = {"image": "pixel_values"}
+    #: True: select on the output of ``selection_module`` (Qwen merger), False: on its input
+    select_on_output: ClassVar[bool] = False
+    #: inner-LLM strategies must drop tokens at this decoder layer or later
+    min_inner_layer: int = 1
+
     @property
-    def tokens_per_image(self) -> int:
+    def selection_module(self) -> nn.Module:
+        return self.projector
+
+    @property
+    def tokens_per_image(self) -> int | None:
+        """Placeholder tokens per image when fixed by the config (None: depends on the image)."""
         h, w = self.vision_info.grid
         return h * w + self.num_prefix
+
+    # --- vision stage ------------------------------------------------------------------------
+    def install_vision_capture(self, layer: int, kinds: set[str], store: StoreFn,
+                               scratch: ScratchFn) -> list[Any]:
+        """Hook encoder layer ``layer`` so that ``store(layer, compute)`` is called once per pass,
+        ``compute()`` returning the requested reductions per image ([n_img, P+N] / [n_img, P+N, d]).
+        ``scratch()`` is the current pass's private dict (None outside a patched pass): captured
+        tensors go there, never on modules, so concurrent threads stay apart."""
+        from .attention import vision_reductions
+
+        va = self.vision_attention(layer)
+
+        def grab(which: str):
+            def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+                box = scratch()
+                if box is not None:
+                    box[(layer, which)] = output
+            return hook
+
+        def done(module: nn.Module, args: tuple, output: Any) -> None:
+            box = scratch()
+            if box is not None and (layer, "q") in box and (layer, "k") in box:
+                q, k = box.pop((layer, "q")), box.pop((layer, "k"))
+                store(layer, lambda: vision_reductions(q, k, va.num_heads, va.scale, kinds))
+        return [va.q_source.register_forward_hook(grab("q")), va.k_source.register_forward_hook(grab("k")),
+                va.module.register_forward_hook(done)]
+
+    def vision_begin(self, args: tuple, kwargs: dict[str, Any]) -> Any:
+        """Per-pass facts read from the encoder call (e.g. Qwen's grid_thw); None here."""
+        return None
+
+    def vision_layout(self, x: torch.Tensor, scores: dict[tuple[int, str], torch.Tensor],
+                      meta: Any) -> tuple[torch.Tensor, list[ImageLayout]]:
+        """Flatten the selection-point tensor to [R, D] and describe each image's units."""
+        n_img, n, d = x.shape
+        p = self.num_prefix
+        cls_off = 1 if self.vision_info.has_cls else 0
+        out = []
+        for i in range(n_img):
+            rows = torch.arange(i * n + p, (i + 1) * n, device=x.device)
+            sc = {key: v[i, cls_off:] for key, v in scores.items()}
+            out.append(ImageLayout(prefix=p, units=[Unit(rows=rows, grid=self.vision_info.grid, scores=sc)]))
+        return x.reshape(n_img * n, d), out
+
+    def vision_restore(self, flat: torch.Tensor, x: torch.Tensor, meta: Any) -> torch.Tensor:
+        return flat.reshape(x.shape)
+
+    def image_outputs(self, output: torch.Tensor, layouts: list[ImageLayout], meta: Any) -> list[torch.Tensor]:
+        """Per-image rows of the projector output as the model scatters them (to recognise
+        pre-computed encoder outputs)."""
+        return [output[i] for i in range(output.shape[0])]
+
+
+    # --- LLM input -----------------------------------------------------------------------------
+    def placeholder_counts(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, list[int]] | None:
+        """Placeholder tokens of each image / video of a call, in encoder order (None: fixed
+        ``tokens_per_image``)."""
+        return None
+
+    def vision_segments(self, args: tuple, kwargs: dict[str, Any], counts: dict[str, list[int]]) -> list[int]:
+        """Tokens of each attention segment the vision encoder runs for a call (FLOPs estimate)."""
+        h, w = self.vision_info.grid
+        return [h * w + (1 if self.vision_info.has_cls else 0)] * len(counts.get("image", []))
+
+    def placeholder_masks(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, torch.Tensor]:
+        mask = self.visual_mask(args, kwargs)
+        return {} if mask is None else {"image": mask}
+
+    def prune_lm_kwargs(self, new: dict[str, Any], kwargs: dict[str, Any], keep: torch.Tensor,
+                        idx: torch.Tensor) -> None:
+        """Slice family-specific language-model arguments to the kept tokens (in place on ``new``)."""
 
     def vision_attention(self, layer: int) -> VisionAttention:
         raise NotImplementedError
