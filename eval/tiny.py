@@ -118,3 +118,132 @@ def batch_prompts(prompts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tens
         ids[i, length - p.shape[1]:] = p[0]
         mask[i, length - p.shape[1]:] = 1
     return ids, mask
+
+
+# ----------------------------------------------------------------------------------------------
+# Qwen2-VL / Qwen2.5-VL / Qwen3-VL
+# ----------------------------------------------------------------------------------------------
+
+QWEN_KINDS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+#: token ids of the tiny Qwen vocabularies (text ids are drawn from 10..vocab)
+QWEN_IDS = {"image": 4, "video": 5, "vision_start": 6, "vision_end": 7}
+
+
+def qwen_config(kind: str = "qwen2_vl", *, vision_layers: int = 4, vision_hidden: int = 32,
+                vision_heads: int = 4, llm_layers: int = 3, llm_hidden: int = 64, llm_heads: int = 4,
+                llm_kv_heads: int = 2, vocab_size: int = 256):
+    """A tiny config of one Qwen VL family (patch 14, or 16 for Qwen3; 2x2 merge; M-RoPE)."""
+    import transformers as tf
+
+    head_dim = llm_hidden // llm_heads
+    half = head_dim // 2
+    text = dict(hidden_size=llm_hidden, intermediate_size=llm_hidden * 2, num_hidden_layers=llm_layers,
+                num_attention_heads=llm_heads, num_key_value_heads=llm_kv_heads, vocab_size=vocab_size,
+                max_position_embeddings=4096, rms_norm_eps=1e-6, head_dim=head_dim,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                 "mrope_section": [half - 2 * (half // 3), half // 3, half // 3]},
+                pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    ids = dict(image_token_id=QWEN_IDS["image"], video_token_id=QWEN_IDS["video"],
+               vision_start_token_id=QWEN_IDS["vision_start"], vision_end_token_id=QWEN_IDS["vision_end"])
+    if kind == "qwen2_vl":
+        vision = dict(depth=vision_layers, embed_dim=vision_hidden, hidden_size=llm_hidden,
+                      num_heads=vision_heads, mlp_ratio=2, patch_size=14, spatial_merge_size=2,
+                      temporal_patch_size=2, in_channels=3)
+        return tf.Qwen2VLConfig(vision_config=vision, text_config=text, **ids)
+    if kind == "qwen2_5_vl":
+        vision = dict(depth=vision_layers, hidden_size=vision_hidden, out_hidden_size=llm_hidden,
+                      intermediate_size=vision_hidden * 2, num_heads=vision_heads, patch_size=14,
+                      spatial_merge_size=2, temporal_patch_size=2, in_channels=3, window_size=56,
+                      fullatt_block_indexes=[1, vision_layers - 1])
+        return tf.Qwen2_5_VLConfig(vision_config=vision, text_config=text, **ids)
+    if kind == "qwen3_vl":
+        vision = dict(depth=vision_layers, hidden_size=vision_hidden, out_hidden_size=llm_hidden,
+                      intermediate_size=vision_hidden * 2, num_heads=vision_heads, patch_size=16,
+                      spatial_merge_size=2, temporal_patch_size=2, in_channels=3, num_position_embeddings=64,
+                      deepstack_visual_indexes=[0, 1])
+        text["rope_parameters"]["mrope_interleaved"] = True
+        return tf.Qwen3VLConfig(vision_config=vision, text_config=text, **ids)
+    raise ValueError(f"unknown Qwen kind {kind!r}; one of {QWEN_KINDS}")
+
+
+def build_qwen(kind: str = "qwen2_vl", seed: int = 0, dtype: torch.dtype = torch.float32,
+               attn_implementation: str = "sdpa", **kw: Any):
+    """A random tiny Qwen VL model of the real class, in eval mode, vision attention sharpened."""
+    import transformers as tf
+
+    cls = {"qwen2_vl": tf.Qwen2VLForConditionalGeneration, "qwen2_5_vl": tf.Qwen2_5_VLForConditionalGeneration,
+           "qwen3_vl": tf.Qwen3VLForConditionalGeneration}[kind]
+    cfg = qwen_config(kind, **kw)
+    torch.manual_seed(seed)
+    model = cls._from_config(cfg, attn_implementation=attn_implementation, dtype=dtype)
+    with torch.no_grad():
+        for blk in model.model.visual.blocks:
+            d = blk.attn.qkv.out_features // 3
+            blk.attn.qkv.weight[: 2 * d].mul_(4.0)   # q and k rows
+    return model.eval()
+
+
+def qwen_patch(kind: str) -> int:
+    return 16 if kind == "qwen3_vl" else 14
+
+
+def qwen_visual(kind: str, grids: list[tuple[int, int, int]], seed: int = 0,
+                dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random flattened patches [sum t*h*w, 3*2*p*p] and grid_thw [n, 3] (h, w in patches)."""
+    p = qwen_patch(kind)
+    g = torch.Generator().manual_seed(seed)
+    n = sum(t * h * w for t, h, w in grids)
+    return torch.randn(n, 3 * 2 * p * p, generator=g).to(dtype), torch.tensor(grids, dtype=torch.long)
+
+
+def qwen_prompt(items: list[tuple[str, int]], seed: int = 0, vocab: int = 256,
+                frames: list[int] | None = None) -> torch.Tensor:
+    """[1, L] ids: bos, text, then per (modality, n_tokens) item <start> pads <end> text, text.
+    ``frames``: for Qwen3 videos, split a video's pads into this many runs with text between
+    (as its processor does with timestamps)."""
+    g = torch.Generator().manual_seed(seed)
+    text = lambda n: torch.randint(10, vocab, (n,), generator=g)  # noqa: E731
+    parts = [torch.tensor([1]), text(3)]
+    fr = iter(frames or [])
+    for modality, n in items:
+        tid = QWEN_IDS[modality]
+        runs = next(fr, 1) if modality == "video" else 1
+        for _ in range(runs):
+            if runs > 1:
+                parts.append(text(2))
+            parts += [torch.tensor([QWEN_IDS["vision_start"]]), torch.full((n // runs,), tid),
+                      torch.tensor([QWEN_IDS["vision_end"]])]
+        parts.append(text(2))
+    parts.append(text(4))
+    return torch.cat(parts)[None]
+
+
+def mm_token_type_ids(ids: torch.Tensor) -> torch.Tensor:
+    """0 text, 1 image, 2 video (what Qwen processors return and ``get_rope_index`` needs)."""
+    return (ids == QWEN_IDS["image"]).long() + 2 * (ids == QWEN_IDS["video"]).long()
+
+
+def qwen_inputs(kind: str, images: list[tuple[int, int]] = (), videos: list[tuple[int, int, int]] = (),
+                seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """One prompt's model inputs: ``images`` as (h, w) patches, ``videos`` as (t, h, w)
+    (t temporal patches of 2 frames); all sides even (2x2 merge)."""
+    items = [("image", h * w // 4) for h, w in images] + [("video", t * h * w // 4) for t, h, w in videos]
+    frames = [t for t, _, _ in videos] if kind == "qwen3_vl" else None
+    ids = qwen_prompt(items, seed=seed, frames=frames)
+    out = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "mm_token_type_ids": mm_token_type_ids(ids)}
+    if images:
+        out["pixel_values"], out["image_grid_thw"] = qwen_visual(kind, [(1, h, w) for h, w in images], seed, dtype)
+    if videos:
+        out["pixel_values_videos"], out["video_grid_thw"] = qwen_visual(kind, list(videos), seed + 1, dtype)
+    return out
+
+
+def qwen_batch(kind: str, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Left-pad several :func:`qwen_inputs` into one batch (visual tensors concatenated in order)."""
+    ids, mask = batch_prompts([r["input_ids"] for r in rows])
+    out = {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": mm_token_type_ids(ids) * mask}
+    for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
+        got = [r[key] for r in rows if key in r]
+        if got:
+            out[key] = torch.cat(got)
+    return out

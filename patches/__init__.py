@@ -1,2 +1,3 @@
 """Model-family adapters, one module per family; importing registers them by model_type."""
 from . import llava  # noqa: F401
+from . import qwen_vl  # noqa: F401

@@ -65,6 +65,10 @@ def apply(model: nn.Module, strategy: str | PruneConfig, **params: Any) -> Prune
             raise ConfigError(
                 f"the budget must leave at least one patch token after the {family.num_prefix} "
                 f"always-kept prefix token(s)")
+        if getattr(config, "positions", "original") == "compact" and not family.supports_compact:
+            raise ConfigError(
+                f"positions='compact' is not supported for family {family.name!r}: its 3-D M-RoPE "
+                "positions do not advance by one per visual token; use positions='original'")
         handle = PruneHandle(model, family, spec, config)  # resolves layers; may raise ConfigError
         if handle.llm_layer is not None and handle.llm_layer < family.min_inner_layer:
             raise ConfigError(

@@ -311,7 +311,11 @@ class PruneHandle:
         fam = self.family
         state = CallState(caller_positions=kwargs.get("position_ids") is not None)
         masks = fam.placeholder_masks(args, kwargs)
-        masks = {m: v for m, v in masks.items() if v is not None and bool(v.any())}
+        given_all = kwargs.get("mm_encoder_outputs") or {}
+        # a modality counts only when the call carries its pixels or encodings: a placeholder id
+        # in a decode step (or in text) is plain text to the model too
+        masks = {m: v for m, v in masks.items() if v is not None and bool(v.any())
+                 and (kwargs.get(fam.pixel_keys[m]) is not None or given_all.get(m) is not None)}
         if masks:
             state.visual = torch.stack(list(masks.values())).any(0)
             counts = fam.placeholder_counts(args, kwargs)
@@ -330,7 +334,6 @@ class PruneHandle:
             state.vision_segments = fam.vision_segments(args, kwargs, counts)
             state.stats = PruneStats(strategy=self.spec.name)
             state.encoded_mark = self._seq
-            given_all = kwargs.get("mm_encoder_outputs") or {}
             for m, key in fam.pixel_keys.items():
                 if m not in masks:
                     continue

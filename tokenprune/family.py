@@ -107,6 +107,8 @@ class Family:
     select_on_output: ClassVar[bool] = False
     #: inner-LLM strategies must drop tokens at this decoder layer or later
     min_inner_layer: int = 1
+    #: whether ``positions="compact"`` (renumbering kept tokens) is meaningful for this family
+    supports_compact: ClassVar[bool] = True
 
     @property
     def selection_module(self) -> nn.Module:

@@ -32,6 +32,8 @@ class VisionInfo:
     feature_layer: int
     grid: tuple[int, int]
     has_cls: bool
+    #: family's default 1-based "object" layer for layer-pair methods (HiPrune); None: scale CLIP's
+    object_layer: int | None = None
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,8 @@ def default_object_layer(num_layers: int) -> int:
 
 
 def object_layer_index(cfg: HiPruneConfig, info: VisionInfo) -> int:
-    layer = cfg.object_layer if cfg.object_layer is not None else default_object_layer(info.num_layers)
+    layer = cfg.object_layer if cfg.object_layer is not None else (
+        info.object_layer if info.object_layer is not None else default_object_layer(info.num_layers))
     if layer > info.num_layers:
         raise ConfigError(
             f"object_layer={layer} is out of range for a vision encoder of {info.num_layers} layers; "

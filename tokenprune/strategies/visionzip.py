@@ -31,13 +31,19 @@ DOMINANT_SHARE = 54 / 64
 
 @dataclass(frozen=True)
 class VisionZipConfig(PruneConfig):
-    """``dominant`` / ``contextual``: per-image split of the budget (None: the paper's 54:10)."""
+    """``dominant`` / ``contextual``: per-image split of the budget (None: the paper's 54:10).
+    ``dominant_score``: what ranks dominant tokens, ``"cls"`` (the paper: CLS-query attention),
+    ``"mean"`` (attention received, averaged over all queries: the substitute for towers without a
+    CLS token such as SigLIP and Qwen's ViT) or ``"auto"`` (cls when the tower has one)."""
 
     name = "visionzip"
     dominant: int | None = None
     contextual: int | None = None
+    dominant_score: str = "auto"
 
     def validate(self) -> None:
+        if self.dominant_score not in ("auto", "cls", "mean"):
+            raise ConfigError(f"dominant_score must be 'auto', 'cls' or 'mean'; got {self.dominant_score!r}")
         for k in ("dominant", "contextual"):
             v = getattr(self, k)
             if v is not None:
@@ -152,27 +158,38 @@ def visionzip_select_batch(cls_score: torch.Tensor, keys: torch.Tensor, features
     return [Selection(idx_sorted[i], feat_sorted[i], groups[i]) for i in range(b)]
 
 
+def dominant_kind(cfg: VisionZipConfig, info: VisionInfo) -> str:
+    """Score kind that ranks dominant tokens for this encoder ("cls" or "mean")."""
+    if cfg.dominant_score == "auto":
+        return "cls" if info.has_cls else "mean"
+    if cfg.dominant_score == "cls" and not info.has_cls:
+        raise ConfigError("dominant_score='cls' needs a vision tower with a CLS token; this one has none "
+                          "(use 'mean' or 'auto')")
+    return cfg.dominant_score
+
+
 def _requests(cfg: VisionZipConfig, info: VisionInfo) -> list[ScoreRequest]:
-    return [ScoreRequest(info.feature_layer, "cls"), ScoreRequest(info.feature_layer, "keys")]
+    return [ScoreRequest(info.feature_layer, dominant_kind(cfg, info)),  # type: ignore[arg-type]
+            ScoreRequest(info.feature_layer, "keys")]
 
 
 def _select(cfg: VisionZipConfig, tokens: VisualTokens, n_keep: int, info: VisionInfo) -> Selection:
     d, c = cfg.split(n_keep)
     assert tokens.features is not None
-    return visionzip_select(tokens.scores[(info.feature_layer, "cls")],
+    return visionzip_select(tokens.scores[(info.feature_layer, dominant_kind(cfg, info))],
                             tokens.scores[(info.feature_layer, "keys")], tokens.features, d, c)
 
 
 def _select_batch(cfg: VisionZipConfig, tokens: VisualTokens, n_keep: int, info: VisionInfo) -> list[Selection]:
     d, c = cfg.split(n_keep)
     assert tokens.features is not None
-    return visionzip_select_batch(tokens.scores[(info.feature_layer, "cls")],
+    return visionzip_select_batch(tokens.scores[(info.feature_layer, dominant_kind(cfg, info))],
                                   tokens.scores[(info.feature_layer, "keys")], tokens.features, d, c)
 
 
 SPEC = register_strategy(StrategySpec(
     name="visionzip", config_cls=VisionZipConfig, stage="vision",
-    needs=frozenset({"cls_attention", "keys", "features"}), requests=_requests, select=_select,
+    needs=frozenset({"mean_attention", "keys", "features"}), requests=_requests, select=_select,
     select_batch=_select_batch,
     paper="Yang et al. 2025, VisionZip, CVPR 2025, arXiv 2412.04467",
 ))

@@ -1,0 +1,285 @@
+"""Qwen2-VL, Qwen2.5-VL and Qwen3-VL families (model_type ``qwen2_vl``, ``qwen2_5_vl``, ``qwen3_vl``).
+
+Knowledge held here:
+
+* The vision tower (``model.model.visual``) encodes every image / video of a call as one flat
+  sequence of patches ``[S, C*T*p*p]`` with ``grid_thw`` rows (t, h, w); 2x2 neighbouring
+  patches are consecutive and the merger turns each group of 4 into one LLM token. There is no
+  CLS token. Attention runs per segment of ``cu_seqlens`` (one per image and per temporal patch
+  of a video; Qwen2.5-VL: per window, except in ``fullatt_block_indexes``).
+* Scores: the block's ``qkv`` output plus its rotary (cos, sin) and ``cu_seqlens`` are caught by
+  hooks; attention received is reduced per segment (mean over heads and query rows, then mean
+  over the 4 patches of a merged token), keys are head-means averaged the same way.
+* Qwen2.5-VL runs its blocks and merger in window order and un-permutes after the merger with
+  ``argsort(window_index)``: we recompute the same ``window_index`` from ``grid_thw`` (the
+  model's own ``get_vision_window_index``) and map rows through it.
+* Selection happens on the merger output (LLM-space tokens, raster order per image). A video is
+  one budget split evenly over its temporal groups (one unit of h/2 x w/2 tokens each).
+* Placeholders ``image_token_id`` / ``video_token_id``; counts per image from ``*_grid_thw``.
+  M-RoPE positions [3|4, B, L] are sliced like everything else (kept tokens keep their original
+  positions); decode positions the model derives from ``rope_deltas`` and the shorter cache are
+  corrected by the engine.
+* Qwen3-VL DeepStack: ``visual_pos_masks`` and the ``deepstack_visual_embeds`` rows are sliced
+  with the same kept set; inner-LLM strategies must start at a layer >= the number of DeepStack
+  levels (those layers add visual features at the visual positions).
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import torch
+from torch import nn
+
+from tokenprune.attention import vision_reductions
+from tokenprune.errors import UnsupportedCallError, UnsupportedModelError
+from tokenprune.family import Family, ImageLayout, LLMAttention, ScratchFn, StoreFn, Unit
+from tokenprune.registry import register_family
+from tokenprune.stats import LayerDims
+from tokenprune.strategies.base import LLMInfo, VisionInfo
+
+from .llava import rotate_half_rotary
+
+#: HiPrune's Qwen2.5-VL object layer (1-based) for a 32-block tower
+PAPER_OBJECT_LAYER, PAPER_DEPTH = 16, 32
+
+
+class QwenVLFamily(Family):
+    name = "qwen2_vl"
+    model_types = ("qwen2_vl",)
+    pixel_keys = {"image": "pixel_values", "video": "pixel_values_videos"}
+    select_on_output = True
+    #: module holding ``apply_rotary_pos_emb_vision`` for this family
+    modeling = "transformers.models.qwen2_vl.modeling_qwen2_vl"
+    windowed = False
+    #: M-RoPE gives an image of h x w tokens max(h, w) positions whatever is kept: there is no
+    #: run of consecutive positions to close, so renumbering is refused rather than invented
+    supports_compact = False
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        core = getattr(model, "model", model)
+        for attr in ("visual", "language_model"):
+            if not hasattr(core, attr):
+                raise UnsupportedModelError(
+                    f"{type(model).__name__} (model_type {model.config.model_type!r}) has no {attr}; "
+                    f"expected the transformers 5.x {self.name} layout")
+        cfg = model.config
+        self.outer = core
+        self.vision_tower = core.visual
+        self.projector = core.visual.merger
+        self.language_model = core.language_model
+        self.decoder_layers = core.language_model.layers
+        self._blocks = core.visual.blocks
+        vcfg = cfg.vision_config
+        self.merge = int(vcfg.spatial_merge_size)
+        depth = len(self._blocks)
+        self.vision_info = VisionInfo(num_layers=depth, feature_layer=depth - 1, grid=(0, 0), has_cls=False,
+                                      object_layer=self._object_layer(depth))
+        self.llm_info = LLMInfo(num_layers=len(self.decoder_layers))
+        self.num_prefix = 0
+        self.image_token_id = int(cfg.image_token_id)
+        self.video_token_id = int(cfg.video_token_id)
+        self.provides = frozenset({"features", "mean_attention", "keys", "llm_attention"})
+        self._rotary_vision = importlib.import_module(self.modeling).apply_rotary_pos_emb_vision
+
+    def _object_layer(self, depth: int) -> int:
+        """1-based default object layer (HiPrune): the paper's 16 of 32, scaled to the depth."""
+        return max(1, round(PAPER_OBJECT_LAYER * depth / PAPER_DEPTH))
+
+    @property
+    def tokens_per_image(self) -> int | None:
+        return None
+
+    # --- vision ------------------------------------------------------------------------------
+    def install_vision_capture(self, layer: int, kinds: set[str], store: StoreFn,
+                               scratch: ScratchFn) -> list[Any]:
+        attn = self._blocks[layer].attn
+        heads, scale = attn.num_heads, attn.scaling
+
+        def pre(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+            box = scratch()
+            if box is not None:
+                box[(layer, "rope")] = kwargs.get("position_embeddings")
+                box[(layer, "cu")] = kwargs.get("cu_seqlens", args[1] if len(args) > 1 else None)
+
+        def grab(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            box = scratch()
+            if box is not None:
+                box[(layer, "qkv")] = output
+
+        def done(module: nn.Module, args: tuple, output: Any) -> None:
+            box = scratch()
+            if box is None or (layer, "qkv") not in box:
+                return
+            qkv, rope, cu = box.pop((layer, "qkv")), box.pop((layer, "rope")), box.pop((layer, "cu"))
+            store(layer, lambda: self._reduce(qkv, rope, cu, heads, scale, kinds))
+        return [attn.register_forward_pre_hook(pre, with_kwargs=True), attn.qkv.register_forward_hook(grab),
+                attn.register_forward_hook(done)]
+
+    def _reduce(self, qkv: torch.Tensor, rope: Any, cu: torch.Tensor, heads: int, scale: float,
+                kinds: set[str]) -> dict[str, torch.Tensor]:
+        """Per-patch reductions [S] / [S, d] of one block, segment by segment (as its attention)."""
+        s = qkv.shape[0]
+        q, k, _ = qkv.reshape(s, 3, heads, -1).unbind(1)          # [S, H, d]
+        if rope is not None:
+            q, k = self._rotary_vision(q, k, rope[0], rope[1])
+        bounds = cu.tolist()
+        parts: dict[str, list[torch.Tensor]] = {kind: [] for kind in kinds}
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            red = vision_reductions(q[a:b].reshape(1, b - a, -1), k[a:b].reshape(1, b - a, -1), heads, scale, kinds)
+            for kind, v in red.items():
+                parts[kind].append(v[0])
+        return {kind: torch.cat(v) for kind, v in parts.items()}
+
+    def vision_begin(self, args: tuple, kwargs: dict[str, Any]) -> Any:
+        grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+        if grid is None:
+            raise UnsupportedCallError("the vision tower was called without grid_thw")
+        order = None
+        if self.windowed:
+            from transformers.vision_utils import get_vision_window_index
+
+            v = self.vision_tower
+            window_index, _ = get_vision_window_index(grid, spatial_merge_size=v.spatial_merge_size,
+                                                      window_size=v.window_size, patch_size=v.patch_size)
+            order = torch.argsort(window_index)   # raster token r sits at merger row order[r]
+        return {"grid": [tuple(int(x) for x in row) for row in grid.tolist()], "order": order}
+
+    def vision_layout(self, x: torch.Tensor, scores: dict[tuple[int, str], torch.Tensor],
+                      meta: Any) -> tuple[torch.Tensor, list[ImageLayout]]:
+        m2 = self.merge * self.merge
+        order = meta["order"]
+        n_total = x.shape[0]
+        base = torch.arange(n_total, device=x.device) if order is None else order.to(x.device)
+        # patch scores -> merged-token scores (4 consecutive patches = 1 token, merger row order)
+        tok_scores = {key: v.reshape(n_total, m2, *v.shape[1:]).mean(1) for key, v in scores.items()}
+        layouts, off = [], 0
+        for t, h, w in meta["grid"]:
+            gh, gw = h // self.merge, w // self.merge
+            units = []
+            for _ in range(t):
+                rows = base[off:off + gh * gw]
+                sc = {key: v[rows.to(v.device)] for key, v in tok_scores.items()}
+                units.append(Unit(rows=rows, grid=(gh, gw), scores=sc))
+                off += gh * gw
+            layouts.append(ImageLayout(prefix=0, units=units))
+        return x, layouts
+
+    def vision_restore(self, flat: torch.Tensor, x: torch.Tensor, meta: Any) -> torch.Tensor:
+        return flat
+
+    def image_outputs(self, output: torch.Tensor, layouts: list[ImageLayout], meta: Any) -> list[torch.Tensor]:
+        outs, off = [], 0
+        for lay in layouts:
+            n = lay.n_tokens
+            if meta["order"] is None:
+                outs.append(output[off:off + n])          # views: the model's own split shares storage
+            else:
+                outs.append(output[torch.cat([u.rows for u in lay.units]).to(output.device)])
+            off += n
+        return outs
+
+    # --- LLM input -----------------------------------------------------------------------------
+    def _counts(self, grid: Any) -> list[int]:
+        m2 = self.merge * self.merge
+        return [int(t * h * w) // m2 for t, h, w in grid.tolist()]
+
+    def placeholder_counts(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, list[int]] | None:
+        out: dict[str, list[int]] = {}
+        given = kwargs.get("mm_encoder_outputs") or {}
+        for m, key in (("image", "image_grid_thw"), ("video", "video_grid_thw")):
+            if kwargs.get(key) is not None:
+                out[m] = self._counts(kwargs[key])
+            elif given.get(m) is not None:
+                out[m] = [int(f.shape[0]) for f in given[m].pooler_output]
+        return out
+
+    def placeholder_masks(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, torch.Tensor]:
+        ids = self.input_ids(args, kwargs)
+        out: dict[str, torch.Tensor] = {}
+        for m, tid in (("image", self.image_token_id), ("video", self.video_token_id)):
+            if ids is not None:
+                out[m] = ids == tid
+            elif kwargs.get("inputs_embeds") is not None:
+                e = kwargs["inputs_embeds"]
+                emb = self.outer.get_input_embeddings()(torch.tensor(tid, device=e.device))
+                out[m] = (e == emb).all(-1)
+        return out
+
+    def vision_segments(self, args: tuple, kwargs: dict[str, Any], counts: dict[str, list[int]]) -> list[int]:
+        segs: list[int] = []
+        for key in ("image_grid_thw", "video_grid_thw"):
+            if kwargs.get(key) is not None:
+                for t, h, w in kwargs[key].tolist():
+                    segs.extend([int(h * w)] * int(t))
+        return segs
+
+    # --- LLM -----------------------------------------------------------------------------------
+    def llm_attention(self, layer: int) -> LLMAttention:
+        attn = self.decoder_layers[layer].self_attn
+        tcfg = self.model.config.text_config
+        q_src = getattr(attn, "q_norm", None) or attn.q_proj
+        k_src = getattr(attn, "k_norm", None) or attn.k_proj
+        return LLMAttention(module=attn, q_source=q_src, k_source=k_src,
+                            num_heads=tcfg.num_attention_heads, num_kv_heads=tcfg.num_key_value_heads,
+                            head_dim=attn.head_dim, scaling=attn.scaling, rotary=rotate_half_rotary)
+
+    def vision_dims(self) -> tuple[LayerDims, int, int]:
+        v = self.model.config.vision_config
+        e = getattr(v, "embed_dim", None) or v.hidden_size
+        mlp = getattr(v, "intermediate_size", None) or int(e * getattr(v, "mlp_ratio", 4))
+        dims = LayerDims(hidden=e, q_dim=e, kv_dim=e, mlp=mlp, gated=self.name == "qwen2_5_vl")
+        return dims, self.vision_info.num_layers, 0
+
+    def llm_dims(self) -> tuple[LayerDims, int]:
+        t = self.model.config.text_config
+        hd = getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads
+        dims = LayerDims(hidden=t.hidden_size, q_dim=t.num_attention_heads * hd,
+                         kv_dim=t.num_key_value_heads * hd, mlp=t.intermediate_size, gated=True)
+        return dims, t.num_hidden_layers
+
+
+class Qwen25VLFamily(QwenVLFamily):
+    name = "qwen2_5_vl"
+    model_types = ("qwen2_5_vl",)
+    modeling = "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl"
+    windowed = True
+
+    def _object_layer(self, depth: int) -> int:
+        """The full-attention block nearest to the paper's 16-of-32 (block 15, 0-based, in the
+        real model), 1-based; windowed blocks only see their window."""
+        full = list(getattr(self.model.model.visual, "fullatt_block_indexes", []) or [])
+        target = PAPER_OBJECT_LAYER * depth / PAPER_DEPTH - 1
+        if not full:
+            return super()._object_layer(depth)
+        return min(full, key=lambda i: (abs(i - target), i)) + 1
+
+
+class Qwen3VLFamily(QwenVLFamily):
+    name = "qwen3_vl"
+    model_types = ("qwen3_vl",)
+    modeling = "transformers.models.qwen3_vl.modeling_qwen3_vl"
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        self.min_inner_layer = max(1, len(getattr(self.vision_tower, "deepstack_visual_indexes", []) or []))
+
+    def prune_lm_kwargs(self, new: dict[str, Any], kwargs: dict[str, Any], keep: torch.Tensor,
+                        idx: torch.Tensor) -> None:
+        from tokenprune.engine import take
+
+        vpm = kwargs.get("visual_pos_masks")
+        if vpm is None:
+            return
+        vpm = vpm.to(keep.device)
+        rows = keep[vpm]                       # kept flags of visual tokens, (batch, seq) order
+        new["visual_pos_masks"] = take(vpm, idx, 1, False)
+        embeds = kwargs.get("deepstack_visual_embeds")
+        if embeds is not None:
+            new["deepstack_visual_embeds"] = [e[rows.to(e.device)] for e in embeds]
+
+
+register_family("qwen2_vl", QwenVLFamily)
+register_family("qwen2_5_vl", Qwen25VLFamily)
+register_family("qwen3_vl", Qwen3VLFamily)
