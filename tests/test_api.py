@@ -31,7 +31,7 @@ def test_unsupported_model_names_class_type_and_families():
 
     m = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                      num_attention_heads=2, vocab_size=64))
-    assert_rejected(m, UnsupportedModelError, r"LlamaForCausalLM.*'llama'.*\['llava'\]", "hiprune", keep=0.5)
+    assert_rejected(m, UnsupportedModelError, r"LlamaForCausalLM.*'llama'.*\['llava', 'qwen2_5_vl', 'qwen2_vl', 'qwen3_vl'\]", "hiprune", keep=0.5)
 
 
 @pytest.mark.parametrize("kw,match", [
@@ -73,9 +73,11 @@ def test_double_apply(model):
 
 
 def test_strategy_the_family_cannot_serve():
-    """A LLaVA with a SigLIP tower has no CLS token: VisionZip's dominant tokens need one."""
+    """A LLaVA with a SigLIP tower has no CLS token: VisionZip ranks dominant tokens by mean received
+    attention instead (asking for CLS is a clear error); with an LLM whose attention we do not know
+    (here Gemma), inner-LLM strategies are refused with the list of those that fit."""
     from tokenprune.eval.tiny import build_llava
-    from transformers import LlavaForConditionalGeneration, SiglipVisionConfig
+    from transformers import GemmaConfig, LlavaForConditionalGeneration, SiglipVisionConfig
 
     cfg = build_llava().config
     cfg = copy.deepcopy(cfg)
@@ -83,12 +85,19 @@ def test_strategy_the_family_cannot_serve():
                                            num_attention_heads=4, image_size=112, patch_size=14)
     cfg.vision_feature_select_strategy = "full"
     m = LlavaForConditionalGeneration._from_config(cfg).eval()
-    assert_rejected(m, IncompatibleStrategyError, r"needs \['cls_attention'\].*fit: \[.*'hiprune'", "visionzip", keep=0.5)
-    with tokenprune.apply(m, "hiprune", budget=10) as h:      # what fits works, SigLIP attention included
-        ids = torch.cat([torch.tensor([[1, 20]]), torch.full((1, 64), 4), torch.tensor([[30, 40]])], 1)
-        with torch.no_grad():
-            m(input_ids=ids, pixel_values=torch.randn(1, 3, 112, 112))
-        assert h.last_stats.visual_tokens_kept == [10]
+    assert_rejected(m, ConfigError, r"dominant_score='cls' needs a vision tower with a CLS", "visionzip",
+                    keep=0.5, dominant_score="cls")
+    ids = torch.cat([torch.tensor([[1, 20]]), torch.full((1, 64), 4), torch.tensor([[30, 40]])], 1)
+    for name in ("hiprune", "visionzip"):   # what fits works, SigLIP attention included
+        with tokenprune.apply(m, name, budget=10) as h:
+            with torch.no_grad():
+                m(input_ids=ids, pixel_values=torch.randn(1, 3, 112, 112))
+            assert h.last_stats.visual_tokens_kept == [10]
+    cfg2 = copy.deepcopy(build_llava().config)
+    cfg2.text_config = GemmaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, head_dim=16, vocab_size=256)
+    g = LlavaForConditionalGeneration._from_config(cfg2).eval()
+    assert_rejected(g, IncompatibleStrategyError, r"needs \['llm_attention'\].*fit: \[.*'hiprune'", "fastv", keep=0.5)
 
 
 def test_config_object_form_and_stats(model):
@@ -127,7 +136,7 @@ def test_third_party_strategy_and_duplicates(model):
         del _STRATEGIES["first_n"], _BY_CONFIG[FirstConfig]
     with pytest.raises(DuplicateRegistrationError):
         tokenprune.register_family("llava", object)
-    assert tokenprune.list_families() == ["llava"]
+    assert tokenprune.list_families() == ["llava", "qwen2_5_vl", "qwen2_vl", "qwen3_vl"]
 
 
 # --- load ------------------------------------------------------------------------------------------
