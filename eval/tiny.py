@@ -247,3 +247,49 @@ def qwen_batch(kind: str, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]
         if got:
             out[key] = torch.cat(got)
     return out
+
+
+QWEN_SPECIAL = ["<pad>", "<s>", "</s>", "[UNK]", "<|image_pad|>", "<|video_pad|>", "<|vision_start|>",
+                "<|vision_end|>"]
+QWEN_CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }} : "
+    "{% for c in m['content'] %}{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|> "
+    "{% elif c['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|> "
+    "{% else %}{{ c['text'] }} {% endif %}{% endfor %}"
+    "{% endfor %}{% if add_generation_prompt %}assistant : {% endif %}")
+
+
+def build_qwen_tokenizer():
+    """Word-level fast tokenizer whose special ids match :data:`QWEN_IDS` (offline)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(QWEN_SPECIAL + sorted(set(WORDS)) + list("?.,:"))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="[UNK]",
+        padding_side="left",
+        extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+                              "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"})
+    fast.add_special_tokens({"additional_special_tokens": QWEN_SPECIAL[4:]})
+    return fast
+
+
+def build_qwen_processor(kind: str = "qwen2_vl", min_pixels: int = 56 * 56, max_pixels: int = 224 * 224):
+    """The real processor of a Qwen family (image + video processors, the word-level tokenizer)."""
+    import transformers as tf
+
+    p = qwen_patch(kind)
+    ip = tf.Qwen2VLImageProcessor(patch_size=p, merge_size=2, temporal_patch_size=2,
+                                  size={"shortest_edge": min_pixels, "longest_edge": max_pixels})
+    if kind == "qwen3_vl":
+        vp = tf.Qwen3VLVideoProcessor(patch_size=p, merge_size=2, temporal_patch_size=2,
+                                      size={"shortest_edge": min_pixels, "longest_edge": max_pixels * 8})
+        cls = tf.Qwen3VLProcessor
+    else:
+        vp = tf.Qwen2VLVideoProcessor(patch_size=p, merge_size=2, temporal_patch_size=2,
+                                      size={"shortest_edge": min_pixels, "longest_edge": max_pixels * 8})
+        cls = tf.Qwen2VLProcessor if kind == "qwen2_vl" else tf.Qwen2_5_VLProcessor
+    return cls(image_processor=ip, tokenizer=build_qwen_tokenizer(), video_processor=vp,
+               chat_template=QWEN_CHAT_TEMPLATE)

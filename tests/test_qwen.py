@@ -464,3 +464,32 @@ def test_flash_attention_2_llm_when_installed(base):
         with torch.no_grad():
             g = model.generate(**inp, max_new_tokens=3, do_sample=False)
         assert h.last_stats.visual_tokens_kept == [14] and g.shape[1] == inp["input_ids"].shape[1] + 3
+
+
+@pytest.mark.parametrize("kind", QWEN_KINDS)
+def test_load_from_a_saved_folder_with_the_real_processor(kind, tmp_path):
+    """The real path: save_pretrained, tokenprune.load (Auto classes), the family's own processor
+    on a PIL image and on a video array (Qwen3: timestamps between frame groups)."""
+    import numpy as np
+    from PIL import Image
+
+    from tokenprune.eval.tiny import build_qwen_processor
+
+    build_qwen(kind).save_pretrained(tmp_path)
+    build_qwen_processor(kind).save_pretrained(tmp_path)
+    model, proc, h = tokenprune.load(str(tmp_path), "hiprune", keep=0.25)
+    assert h.family.name == kind
+    rng = np.random.default_rng(0)
+    for content, kw in (("image", {"images": Image.fromarray(rng.integers(0, 255, (150, 230, 3), dtype=np.uint8))}),
+                        ("video", {"videos": [rng.integers(0, 255, (8, 120, 160, 3), dtype=np.uint8)]})):
+        msgs = [{"role": "user", "content": [{"type": content}, {"type": "text", "text": "what is this"}]}]
+        if content == "video" and kind == "qwen3_vl":
+            kw["videos_kwargs"] = {"video_metadata": [{"fps": 2.0, "total_num_frames": 8}]}
+        enc = proc(text=proc.apply_chat_template(msgs, add_generation_prompt=True), return_tensors="pt", **kw)
+        grid = enc["image_grid_thw" if content == "image" else "video_grid_thw"][0]
+        n = int(grid.prod()) // 4
+        with torch.no_grad():
+            out = model.generate(**enc, max_new_tokens=3, do_sample=False)
+        assert out.shape[1] == enc["input_ids"].shape[1] + 3
+        assert h.last_stats.visual_tokens_in == [n]
+        assert h.last_stats.visual_tokens_kept == [round(0.25 * n)]
