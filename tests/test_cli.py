@@ -83,3 +83,27 @@ def test_bench_smoke(tmp_path):
     assert all(v["agreement"] == 1.0 for v in res["vision_rows"])       # same selection as the eager reference
     for name in ("bench_tiny.md", "bench_tiny_ttft.png", "bench_tiny_overhead.png"):
         assert (tmp_path / name).stat().st_size > 0
+
+
+@pytest.mark.parametrize("kind", ["qwen2_5_vl", "qwen3_vl"])
+def test_run_on_a_saved_qwen_checkpoint(kind, tmp_path, capsys):
+    """--model with a Qwen folder: answer, counts of its size-dependent grid, an overlay of merged
+    patches in original-image coordinates."""
+    from PIL import Image
+
+    from tokenprune.eval.tiny import build_qwen, build_qwen_processor
+
+    build_qwen(kind).save_pretrained(tmp_path / "m")
+    build_qwen_processor(kind).save_pretrained(tmp_path / "m")
+    img = tmp_path / "in.png"
+    Image.new("RGB", (230, 150), (40, 90, 200)).save(img)
+    png = tmp_path / "o.png"
+    assert main(["run", "--model", str(tmp_path / "m"), "--image", str(img), "--strategy", "visionzip",
+                 "--keep", "0.25", "--overlay", str(png), "--compact"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    grid = build_qwen_processor(kind).image_processor(Image.open(img), return_tensors="pt")["image_grid_thw"][0]
+    n = int(grid.prod()) // 4                      # the size-dependent number of merged tokens
+    assert report["visual_tokens_in"] == n
+    assert report["visual_tokens_kept"] == round(0.25 * n) == len(report["kept_indices"][0])
+    with Image.open(png) as im:
+        assert im.format == "PNG" and im.size == (230, 150)

@@ -69,7 +69,9 @@ def build(runner: Runner):
         examples = [[str(ASSETS / e["image"]), e["question"]] for e in json.loads(examples_file.read_text())]
     with gr.Blocks(title="tokenprune demo", analytics_enabled=False) as app:
         gr.Markdown(f"### tokenprune — visual-token pruning\nModel: `{Path(runner.name).name}` "
-                    f"({runner.family.name} family, {runner.family.tokens_per_image} visual tokens per image)")
+                    f"({runner.family.name} family, "
+                    + (f"{runner.family.tokens_per_image} visual tokens per image)" if runner.family.tokens_per_image
+                       else "visual tokens per image depend on its size)"))
         with gr.Row():
             with gr.Column():
                 image = gr.Image(type="pil", label="image", elem_id="image")

@@ -15,7 +15,7 @@ from PIL import Image
 
 from . import api
 from .errors import ConfigError, TokenPruneError
-from .visualize import llava_boxes, overlay
+from .visualize import overlay, token_boxes
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DEFAULT_MODEL = ASSETS / "tiny-llava-vqa"
@@ -114,7 +114,8 @@ class Runner:
                 if handle is not None:
                     handle.remove()
         answer = self.processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
-        n_in = int((inputs["input_ids"] == self.family.image_token_id).sum())
+        masks = self.family.placeholder_masks((), {"input_ids": inputs["input_ids"]})
+        n_in = int(sum(int(m.sum()) for m in masks.values()))
         res = RunResult(strategy=strategy or "none", params=params, answer=answer.strip(), tokens_in=n_in,
                         tokens_kept=n_in, prefill_ms=prefill_ms)
         if stats is not None:
@@ -122,13 +123,13 @@ class Runner:
             res.prune_ms, res.flops_ratio = stats.prune_ms, stats.flops_after / stats.flops_before
             res.kept_indices = list(stats.kept_indices[0])
             res.merge_groups = list(stats.merge_groups[0]) if stats.merge_groups else [None] * len(res.kept_indices)
-        res.overlay = self.overlay(image, res)
+        res.overlay = self.overlay(image, res, inputs)
         return res
 
-    def overlay(self, image: Image.Image, res: RunResult) -> Image.Image:
+    def overlay(self, image: Image.Image, res: RunResult, inputs: dict[str, torch.Tensor] | None = None) -> Image.Image:
         """Kept tokens of the (first) image on the original image."""
-        grid = self.family.vision_info.grid
-        boxes = llava_boxes(image.size, grid, self.processor.image_processor)
+        boxes = token_boxes(self.family.name, image.size, self.processor.image_processor,
+                            self.family.vision_info.grid, inputs)
         if not res.kept_indices:                       # unpruned: everything kept
             return overlay(image, torch.arange(boxes.shape[0]), boxes, outline=False)
         p = self.family.num_prefix

@@ -73,6 +73,21 @@ def merged_patch_boxes(image_size: tuple[int, int], resized: tuple[int, int], pa
     return torch.stack([x0, y0, x1, y1], dim=-1).reshape(-1, 4)
 
 
+def token_boxes(family: str, image_size: tuple[int, int], image_processor: Any, grid: tuple[int, int],
+                inputs: dict[str, Any] | None = None) -> torch.Tensor:
+    """Boxes [N, 4] of the first image's tokens for a family (by name), in original-image coordinates.
+
+    LLaVA-1.5: the fixed ``grid`` after the processor's resize/crop. Qwen: the resized size from
+    ``inputs["image_grid_thw"]`` (patches) and the processor's patch / merge sizes."""
+    if family.startswith("qwen"):
+        if inputs is None or inputs.get("image_grid_thw") is None:
+            raise ValueError("Qwen token boxes need the processor's image_grid_thw")
+        _, gh, gw = (int(x) for x in inputs["image_grid_thw"][0].tolist())
+        patch, merge = int(image_processor.patch_size), int(image_processor.merge_size)
+        return merged_patch_boxes(image_size, (gh * patch, gw * patch), patch, merge)
+    return llava_boxes(image_size, grid, image_processor)
+
+
 def _palette(n: int) -> list[tuple[int, int, int]]:
     return [tuple(int(255 * c) for c in colorsys.hsv_to_rgb((i * 0.618034) % 1, 0.75, 1.0)) for i in range(n)]
 
