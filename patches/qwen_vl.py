@@ -80,7 +80,7 @@ class QwenVLFamily(Family):
         self.num_prefix = 0
         self.image_token_id = int(cfg.image_token_id)
         self.video_token_id = int(cfg.video_token_id)
-        self.provides = frozenset({"features", "mean_attention", "keys", "llm_attention"})
+        self.provides = frozenset({"features", "mean_attention", "keys", "llm_attention", "video"})
         self._rotary_vision = importlib.import_module(self.modeling).apply_rotary_pos_emb_vision
 
     def _object_layer(self, depth: int) -> int:
@@ -147,7 +147,7 @@ class QwenVLFamily(Family):
         return {"grid": [tuple(int(x) for x in row) for row in grid.tolist()], "order": order}
 
     def vision_layout(self, x: torch.Tensor, scores: dict[tuple[int, str], torch.Tensor],
-                      meta: Any) -> tuple[torch.Tensor, list[ImageLayout]]:
+                      meta: Any, per_frame: bool = True) -> tuple[torch.Tensor, list[ImageLayout]]:
         m2 = self.merge * self.merge
         order = meta["order"]
         n_total = x.shape[0]
@@ -158,11 +158,12 @@ class QwenVLFamily(Family):
         for t, h, w in meta["grid"]:
             gh, gw = h // self.merge, w // self.merge
             units = []
-            for _ in range(t):
-                rows = base[off:off + gh * gw]
+            for _ in range(t if per_frame else 1):
+                n = gh * gw * (1 if per_frame else t)
+                rows = base[off:off + n]
                 sc = {key: v[rows.to(v.device)] for key, v in tok_scores.items()}
-                units.append(Unit(rows=rows, grid=(gh, gw), scores=sc))
-                off += gh * gw
+                units.append(Unit(rows=rows, grid=(gh, gw), scores=sc, frames=1 if per_frame else t))
+                off += n
             layouts.append(ImageLayout(prefix=0, units=units))
         return x, layouts
 

@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 from . import strategies as _builtin_strategies  # noqa: F401  (registers the built-ins)
-from .api import apply, get_handle, load, remove
+from .api import apply, get_handle, load, remove, strategies_for
 from .config import PruneConfig
 from .engine import PruneHandle
 from .errors import (
@@ -24,6 +24,8 @@ from .strategies import (
     FastVConfig,
     FoPruConfig,
     HiPruneConfig,
+    HoliTomConfig,
+    HoliTomInnerConfig,
     PoolConfig,
     RandomConfig,
     StrategySpec,
@@ -35,9 +37,9 @@ from . import patches as _builtin_families  # noqa: F401,E402  (registers the bu
 __version__ = "0.1.0"
 
 __all__ = [
-    "apply", "remove", "load", "get_handle", "list_strategies", "list_families",
+    "apply", "remove", "load", "get_handle", "list_strategies", "strategies_for", "list_families",
     "register_strategy", "register_family", "PruneHandle", "PruneStats", "PruneConfig", "Family",
     "StrategySpec", "HiPruneConfig", "FoPruConfig", "VisionZipConfig", "FastVConfig", "RandomConfig",
-    "PoolConfig", "TokenPruneError", "UnsupportedModelError", "ConfigError", "AlreadyAppliedError",
+    "PoolConfig", "HoliTomConfig", "HoliTomInnerConfig", "TokenPruneError", "UnsupportedModelError", "ConfigError", "AlreadyAppliedError",
     "IncompatibleStrategyError", "UnsupportedCallError",
 ]

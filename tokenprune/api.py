@@ -38,13 +38,43 @@ def family_for(model: nn.Module):
     return fam_cls(model)
 
 
-def apply(model: nn.Module, strategy: str | PruneConfig, **params: Any) -> PruneHandle:
+InnerSpec = "str | PruneConfig | tuple[str, dict[str, Any]] | None"
+
+
+def _check_fits(spec: Any, family: Any) -> None:
+    missing = spec.needs - family.provides
+    if missing:
+        fits = [n for n in registry.list_strategies() if registry.get_strategy(n).needs <= family.provides]
+        raise IncompatibleStrategyError(
+            f"strategy {spec.name!r} needs {sorted(missing)}, which family {family.name!r} "
+            f"cannot provide; strategies that fit: {fits}")
+
+
+def strategies_for(model: nn.Module) -> list[str]:
+    """Registered strategies that ``model``'s family can serve (e.g. no video methods on LLaVA-1.5)."""
+    family = family_for(model)
+    return [n for n in registry.list_strategies() if registry.get_strategy(n).needs <= family.provides]
+
+
+def _inner_config(inner: Any) -> tuple[Any, PruneConfig]:
+    if isinstance(inner, PruneConfig):
+        return registry.make_config(inner, {})
+    if isinstance(inner, tuple) and len(inner) == 2 and isinstance(inner[0], str) and isinstance(inner[1], dict):
+        return registry.make_config(inner[0], dict(inner[1]))
+    raise ConfigError(f"inner must be a config object or a (name, params) pair such as ('fastv', {{'keep': 0.5}}); "
+                      f"got {inner!r}")
+
+
+def apply(model: nn.Module, strategy: str | PruneConfig, *, inner: Any = None, **params: Any) -> PruneHandle:
     """Patch ``model`` in place with a pruning strategy and return its handle.
 
     ``strategy``: a registered name (``"hiprune"``, ``"fopru"``, ``"visionzip"``, ``"fastv"``,
-    ``"random"``, ``"pool"``) with its parameters as keywords, or a config object
-    (``HiPruneConfig(budget=64)``). Every check happens before the first hook is installed; on
-    error the model is untouched.
+    ``"holitom"``, ``"random"``, ``"pool"``, ...) with its parameters as keywords, or a config
+    object (``HiPruneConfig(budget=64)``). ``inner``: an inner-LLM strategy stacked after a
+    vision-stage one, as a config object or ``(name, params)`` (``inner=("fastv", {"keep": 0.5})``);
+    its budget applies to the tokens the first one kept. HoliTom brings its own inner stage
+    (``inner_merge=False`` turns it off: the paper's "w/o M"). Every check happens before the first hook
+    is installed; on error the model is untouched.
     """
     with _LOCK:
         if model in _APPLIED:
@@ -53,13 +83,16 @@ def apply(model: nn.Module, strategy: str | PruneConfig, **params: Any) -> Prune
                 "call handle.remove() (or tokenprune.remove(model)) first")
         family = family_for(model)
         spec, config = registry.make_config(strategy, params)
-        missing = spec.needs - family.provides
-        if missing:
-            fits = [n for n in registry.list_strategies()
-                    if registry.get_strategy(n).needs <= family.provides]
-            raise IncompatibleStrategyError(
-                f"strategy {spec.name!r} needs {sorted(missing)}, which family {family.name!r} "
-                f"cannot provide; strategies that fit: {fits}")
+        _check_fits(spec, family)
+        stacked, modalities = None, None
+        if inner is not None:
+            stacked = _inner_config(inner)
+        elif spec.inner is not None and spec.inner(config) is not None:
+            stacked = _inner_config(spec.inner(config))
+            # a video method's own inner stage leaves images alone, as its outer stage does
+            modalities = frozenset({"video"}) if spec.images == "keep" else None
+        if stacked is not None:
+            _check_fits(stacked[0], family)
         n_img = family.tokens_per_image
         if n_img is not None and config.tokens_for(n_img) <= family.num_prefix:
             raise ConfigError(
@@ -69,10 +102,12 @@ def apply(model: nn.Module, strategy: str | PruneConfig, **params: Any) -> Prune
             raise ConfigError(
                 f"positions='compact' is not supported for family {family.name!r}: its 3-D M-RoPE "
                 "positions do not advance by one per visual token; use positions='original'")
-        handle = PruneHandle(model, family, spec, config)  # resolves layers; may raise ConfigError
+        # resolves layers; may raise ConfigError
+        handle = PruneHandle(model, family, spec, config, inner=stacked, inner_modalities=modalities)
         if handle.llm_layer is not None and handle.llm_layer < family.min_inner_layer:
+            name = handle.lspec.name if handle.lspec is not None else spec.name
             raise ConfigError(
-                f"{spec.name} drops tokens at LLM layer {handle.llm_layer}, but family {family.name!r} "
+                f"{name} drops tokens at LLM layer {handle.llm_layer}, but family {family.name!r} "
                 f"still adds visual features inside layers < {family.min_inner_layer} (DeepStack); "
                 f"use layer >= {family.min_inner_layer}")
         _APPLIED[model] = handle

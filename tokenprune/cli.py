@@ -76,7 +76,7 @@ def cmd_run(a: argparse.Namespace) -> int:
 
 
 def cmd_compare(a: argparse.Namespace) -> int:
-    from tokenprune import list_strategies
+    import tokenprune
     from tokenprune.runner import open_image
     from tokenprune.visualize import grid
 
@@ -84,7 +84,7 @@ def cmd_compare(a: argparse.Namespace) -> int:
     image = open_image(a.image or DEFAULT_IMAGE)
     params = _budget(a)
     rows = [runner.run(image, a.prompt, None, a.max_new_tokens)]
-    names = a.strategies or list_strategies()
+    names = a.strategies or tokenprune.strategies_for(runner.model)
     for name in names:
         rows.append(runner.run(image, a.prompt, name, a.max_new_tokens, **params))
     base = rows[0].prefill_ms

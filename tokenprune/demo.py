@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import TokenPruneError
-from .registry import list_strategies
+from .api import strategies_for
 from .runner import ASSETS, Runner
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -76,7 +76,7 @@ def build(runner: Runner):
             with gr.Column():
                 image = gr.Image(type="pil", label="image", elem_id="image")
                 question = gr.Textbox(label="question", value="what color is the cross", elem_id="question")
-                strategy = gr.Dropdown(list_strategies(), value="hiprune", label="strategy", elem_id="strategy")
+                strategy = gr.Dropdown(strategies_for(runner.model), value="hiprune", label="strategy", elem_id="strategy")
                 keep = gr.Slider(0.02, 1.0, value=0.25, step=0.01, label="keep (fraction of visual tokens)",
                                  elem_id="keep")
                 params = gr.Textbox(label="strategy parameters (key=value, ...)", value="", elem_id="params")

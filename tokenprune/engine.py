@@ -145,6 +145,7 @@ class PruneRecord:
     dropped: torch.Tensor | None = None    # [B] visual tokens dropped per row (compact positions)
     compact: bool = False
     layer: int | None = None               # inner-LLM: first layer that sees the kept tokens
+    inner_len: int = 0                     # inner-LLM: sequence length at the LLM input
     idx_k: torch.Tensor | None = None      # [B, L_K] kept positions at layer K
     ghost: torch.Tensor | None = None      # [B, L_K] True where a token only pads a row (masked key)
 
@@ -200,6 +201,7 @@ class CallState:
     from_forward: list[str] = field(default_factory=list)  # modalities encoded inside this call
     vision_segments: list[int] = field(default_factory=list)
     caller_positions: bool = True                          # position_ids came from the caller
+    full_len: int = 0                                      # prompt length before any pruning
     qk: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
     seconds: float = 0.0
     stats: PruneStats | None = None
@@ -214,13 +216,32 @@ class CallState:
 # ----------------------------------------------------------------------------------------------
 
 class PruneHandle:
-    """A strategy installed on one model. ``last_stats``, ``remove()``, context manager."""
+    """A strategy installed on one model. ``last_stats``, ``remove()``, context manager.
 
-    def __init__(self, model: nn.Module, family: Family, spec: StrategySpec, config: PruneConfig) -> None:
+    At most one vision-stage strategy (``vspec``: selects before the LLM) and one inner-LLM
+    strategy (``lspec``: drops from decoder layer K) are stacked; ``spec`` / ``config`` are the
+    first of them. The inner stage then works on the tokens the outer one kept (of the modalities in
+    ``inner_modalities``)."""
+
+    def __init__(self, model: nn.Module, family: Family, spec: StrategySpec, config: PruneConfig,
+                 inner: tuple[StrategySpec, PruneConfig] | None = None,
+                 inner_modalities: frozenset[str] | None = None) -> None:
         self.model = model
         self.family = family
         self.spec = spec
         self.config = config
+        if spec.stage == "llm":
+            if inner is not None:
+                raise ConfigError(f"{spec.name} already acts inside the LLM; stack it after a "
+                                  "vision-stage strategy instead")
+            inner, spec_v = (spec, config), None
+        else:
+            spec_v = (spec, config)
+        if inner is not None and inner[0].stage != "llm":
+            raise ConfigError(f"the inner strategy must act inside the LLM; {inner[0].name} acts before it")
+        self.vspec, self.vconfig = spec_v if spec_v else (None, None)
+        self.lspec, self.lconfig = inner if inner else (None, None)
+        self.inner_modalities = inner_modalities
         self.last_stats: PruneStats | None = None
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._state: contextvars.ContextVar[CallState | None] = contextvars.ContextVar(
@@ -238,12 +259,12 @@ class PruneHandle:
         self._prefix = family.num_prefix
         if family.tokens_per_image is not None:   # fixed grid: check the budget now
             config.tokens_for(family.tokens_per_image)
-        self.requests = spec.requests(config, info) if spec.stage == "vision" else []
-        self.llm_layer = spec.llm_layer(config, family.llm_info) if spec.stage == "llm" else None
-        #: layers whose attention rows are materialised (vision layers, or LLM layer K-1)
-        self.scored_layers: list[tuple[str, int]] = (
-            sorted({("vision", r.layer) for r in self.requests}) if spec.stage == "vision"
-            else [("llm", self.llm_layer - 1)])  # type: ignore[operator]
+        self.requests = self.vspec.requests(self.vconfig, info) if self.vspec else []
+        self.llm_layer = self.lspec.llm_layer(self.lconfig, family.llm_info) if self.lspec else None
+        #: layers whose attention rows are materialised (vision layers, and LLM layer K-1)
+        self.scored_layers: list[tuple[str, int]] = sorted({("vision", r.layer) for r in self.requests})
+        if self.llm_layer is not None:
+            self.scored_layers.append(("llm", self.llm_layer - 1))
 
     # -- install / remove ------------------------------------------------------------------------
     def _add(self, h: torch.utils.hooks.RemovableHandle) -> None:
@@ -255,7 +276,7 @@ class PruneHandle:
         self._add(fam.outer.register_forward_hook(self._outer_post, always_call=True))
         self._add(fam.language_model.register_forward_pre_hook(self._lm_pre, with_kwargs=True))
         self._add(fam.language_model.register_forward_hook(self._lm_post))
-        if self.spec.stage == "vision":
+        if self.vspec is not None:
             kinds: dict[int, set[str]] = {}
             for r in self.requests:
                 kinds.setdefault(r.layer, set()).add(r.kind)
@@ -269,7 +290,7 @@ class PruneHandle:
             else:
                 self._add(sel.register_forward_pre_hook(self._selection_on_input))
                 self._add(sel.register_forward_hook(self._selection_post))
-        else:
+        if self.lspec is not None:
             k = self.llm_layer
             la = fam.llm_attention(k - 1)
             self._add(la.q_source.register_forward_hook(self._capture(k - 1, "q")))
@@ -332,7 +353,8 @@ class PruneHandle:
                     state.spans.extend(self._spans(masks[m], counts.get(m, []), m))
             state.images = [sp.row for sp in state.spans]
             state.vision_segments = fam.vision_segments(args, kwargs, counts)
-            state.stats = PruneStats(strategy=self.spec.name)
+            state.stats = PruneStats(strategy=self.spec.name if self.lspec is None or self.vspec is None
+                                     else f"{self.vspec.name}+{self.lspec.name}")
             state.encoded_mark = self._seq
             for m, key in fam.pixel_keys.items():
                 if m not in masks:
@@ -431,11 +453,11 @@ class PruneHandle:
         """Select in every unit of every image of one pass; returns the tensor with merged
         features written in (None when no strategy merged)."""
         t0 = time.perf_counter()
-        flat, layouts = self.family.vision_layout(x, state.scores, state.meta)
+        flat, layouts = self.family.vision_layout(x, state.scores, state.meta, per_frame=self.vspec.unit == "frame")
         state.scores.clear()
         units: list[tuple[Unit, int]] = []
         for lay in layouts:
-            total = self.config.tokens_for(lay.n_tokens) - lay.prefix
+            total = self.vconfig.tokens_for(lay.n_tokens) - lay.prefix
             if total < 1:
                 raise ConfigError(f"the budget must leave at least one visual token after the {lay.prefix} "
                                   f"prefix token(s); got {total + lay.prefix} of {lay.n_tokens}")
@@ -445,7 +467,7 @@ class PruneHandle:
         merged = None
         for (u, n_keep), sel in zip(units, sels):
             if sel.indices.numel() != n_keep:
-                raise RuntimeError(f"strategy {self.spec.name} kept {sel.indices.numel()} tokens, "
+                raise RuntimeError(f"strategy {self.vspec.name} kept {sel.indices.numel()} tokens, "
                                    f"budget is {n_keep}")
             if sel.features is not None:
                 if merged is None:
@@ -462,17 +484,19 @@ class PruneHandle:
         """One strategy call per unit, or one batched call per group of same-shaped units."""
         info = self.family.vision_info
         out: list[Selection | None] = [None] * len(units)
-        if self.spec.select_batch is not None:
+        spec, cfg = self.vspec, self.vconfig
+        if spec.select_batch is not None:
             groups: dict[tuple, list[int]] = {}
             for i, (u, n_keep) in enumerate(units):
-                groups.setdefault((u.grid, n_keep), []).append(i)
+                if u.frames == 1:
+                    groups.setdefault((u.grid, n_keep), []).append(i)
             for (grid, n_keep), members in groups.items():
                 if n_keep == 0:
                     continue
                 feats = torch.stack([flat[units[i][0].rows] for i in members])
                 scores = {key: torch.stack([units[i][0].scores[key] for i in members])
                           for key in units[members[0]][0].scores}
-                batched = self.spec.select_batch(self.config, VisualTokens(grid=grid, features=feats, scores=scores),
+                batched = spec.select_batch(cfg, VisualTokens(grid=grid, features=feats, scores=scores),
                                                  n_keep, info)
                 if batched is not None:
                     for i, sel in zip(members, batched):
@@ -482,8 +506,8 @@ class PruneHandle:
                 if n_keep == 0:
                     out[i] = Selection(torch.zeros(0, dtype=torch.long, device=flat.device))
                     continue
-                tokens = VisualTokens(grid=u.grid, features=flat[u.rows], scores=u.scores)
-                out[i] = self.spec.select(self.config, tokens, n_keep, info)  # type: ignore[misc]
+                tokens = VisualTokens(grid=u.grid, features=flat[u.rows], scores=u.scores, frames=u.frames)
+                out[i] = spec.select(cfg, tokens, n_keep, info)  # type: ignore[misc]
         return out  # type: ignore[return-value]
 
     @staticmethod
@@ -546,6 +570,8 @@ class PruneHandle:
                 if im.keep.numel() != sp.cols.numel():
                     raise UnsupportedCallError(
                         f"an encoded {m} has {im.keep.numel()} tokens but its placeholder run has {sp.cols.numel()}")
+            if m == "image" and self.vspec.images == "keep":   # a video method: images pass unchanged
+                got = [ImageSel(keep=torch.ones_like(im.keep)) for im in got]
             out.extend(got)
         return out
 
@@ -569,9 +595,14 @@ class PruneHandle:
         embeds = kwargs.get("inputs_embeds")
         if embeds is None or embeds.shape[:2] != state.visual.shape:
             raise UnsupportedCallError("the language model did not receive inputs_embeds of the prompt's shape")
-        if self.spec.stage == "llm":
+        state.full_len = state.visual.shape[1]
+        if self.vspec is None:
             return self._start_inner(state, kwargs, cache)
-        return args, self._prune_inputs(state, kwargs)
+        new = self._prune_inputs(state, kwargs)
+        if self.lspec is not None:
+            self._follow_input_pruning(state)
+            self._start_inner(state, new, cache)
+        return args, new
 
     def _lm_post(self, module: nn.Module, args: tuple, output: Any) -> None:
         state = self._state.get()
@@ -683,7 +714,7 @@ class PruneHandle:
         vd, v_layers, _ = self.family.vision_dims()
         ld, l_layers = self.family.llm_dims()
         vision = v_layers * sum(layer_flops(n, vd, causal=False) for n in state.vision_segments)
-        full = b * l_layers * layer_flops(length, ld, causal=True)
+        full = b * l_layers * layer_flops(state.full_len or length, ld, causal=True)
         k = 0 if split_layer is None else split_layer
         after = b * (k * layer_flops(length, ld, True) + (l_layers - k) * layer_flops(kept_len, ld, True))
         st.flops_before, st.flops_after = vision + full, vision + after
@@ -692,12 +723,12 @@ class PruneHandle:
     def _start_inner(self, state: CallState, kwargs: dict[str, Any], cache: Any):
         if cache is not None and getattr(cache, "is_compileable", False):
             raise UnsupportedCallError(
-                f"{self.spec.name} drops tokens inside the LLM, which a static KV cache cannot hold; "
+                f"{self.lspec.name} drops tokens inside the LLM, which a static KV cache cannot hold; "
                 "use the default DynamicCache (do not pass cache_implementation='static')")
         mask = kwargs.get("attention_mask")
         b, length = state.visual.shape
         if mask is not None and mask.dim() != 2:
-            raise UnsupportedCallError(f"{self.spec.name} needs a 2D attention_mask (or none)")
+            raise UnsupportedCallError(f"{self.lspec.name} needs a 2D attention_mask (or none)")
         valid = mask.bool() if mask is not None else torch.ones(b, length, dtype=torch.bool,
                                                                 device=state.visual.device)
         last = length - 1 - torch.argmax(torch.flip(valid.long(), dims=[1]), dim=1)
@@ -741,11 +772,17 @@ class PruneHandle:
         p = self._prefix
         for sp in state.spans:
             span = sp.cols.to(dev)
-            n_keep = self.config.tokens_for(span.numel()) - p
-            kept = self.spec.select_llm(self.config, row[sp.row, span[p:]], n_keep)
+            if not self._inner_applies(sp):
+                keep[sp.row, span] = True
+                continue
+            n_keep = self.lconfig.tokens_for(span.numel()) - p
+            kept = self.lspec.select_llm(self.lconfig, row[sp.row, span[p:]], n_keep)
             keep[sp.row, span[:p]] = True
             keep[sp.row, span[p + kept]] = True
-        self._fill_stats(state, keep, b)
+        if self.vspec is None:
+            self._fill_stats(state, keep, b)
+        else:  # stacked: stats describe the LLM input; the inner stage adds its own count
+            state.stats.inner_tokens_kept = (visual & keep).sum(1).tolist()
         fv["keep"] = keep
         # rows must keep equal lengths: pad short rows with "ghost" tokens (dropped visual tokens
         # that stay in the sequence but are hidden as keys from every query)
@@ -762,7 +799,8 @@ class PruneHandle:
         fv["idx"], fv["ghost"] = idx, ghost
         self._fill_flops(state, length, idx.shape[1], b, split_layer=self.llm_layer)
         if bool((visual & ~keep).any()):
-            rec = PruneRecord(full_len=length, layer=self.llm_layer, idx_k=idx, ghost=ghost)
+            rec = state.pending or PruneRecord(full_len=length)   # stacked: extend the input record
+            rec.inner_len, rec.layer, rec.idx_k, rec.ghost = length, self.llm_layer, idx, ghost
             state.pending = rec
             state.record = rec
 
@@ -779,8 +817,8 @@ class PruneHandle:
         if prefill:
             idx = rec.idx_k
             hidden = args[0] if args else kwargs["hidden_states"]
-            if hidden.shape[1] == rec.full_len:  # layer K: later layers get the short output of K
-                if self.spec.merge_llm is not None:
+            if hidden.shape[1] == rec.inner_len:  # layer K: later layers get the short output of K
+                if self.lspec.merge_llm is not None:
                     hidden = self._merge_inner(state, hidden)
                 hidden = take(hidden, idx, 1, 0)
                 if args:
@@ -804,10 +842,32 @@ class PruneHandle:
         keep = state.fastv["keep"].to(hidden.device)
         out = hidden.clone()
         for sp in state.spans:
+            if not self._inner_applies(sp):
+                continue
             r, grid = sp.row, sp.cols.to(hidden.device)[self._prefix:]
             kept = torch.nonzero(keep[r, grid]).flatten()
-            out[r, grid[kept]] = self.spec.merge_llm(self.config, hidden[r, grid], kept)  # type: ignore[misc]
+            out[r, grid[kept]] = self.lspec.merge_llm(self.lconfig, hidden[r, grid], kept)  # type: ignore[misc]
         return out
+
+    def _inner_applies(self, sp: Span) -> bool:
+        return self.inner_modalities is None or sp.modality in self.inner_modalities
+
+    def _follow_input_pruning(self, state: CallState) -> None:
+        """After input pruning, express the placeholder mask and the spans in the pruned sequence
+        (what the inner stage sees), keeping only the kept tokens of each span."""
+        rec = state.pending
+        if rec is None or rec.idx is None:
+            return
+        idx = rec.idx
+        b, n = idx.shape
+        inv = torch.full((b, state.visual.shape[1]), -1, dtype=torch.long, device=idx.device)
+        rows = torch.arange(b, device=idx.device)[:, None].expand(b, n)
+        valid = idx >= 0
+        inv[rows[valid], idx[valid]] = torch.arange(n, device=idx.device)[None].expand(b, n)[valid]
+        for sp in state.spans:
+            new = inv[sp.row, sp.cols.to(idx.device)]
+            sp.cols = new[new >= 0]
+        state.visual = take(state.visual, idx, 1, False)
 
     def _memo(self, state: CallState, t: torch.Tensor, fn) -> torch.Tensor:
         hit = state.memo.get(id(t))
@@ -840,7 +900,7 @@ class PruneHandle:
 
     def _inner_mask_decode(self, state: CallState, rec: PruneRecord, kwargs: dict[str, Any], q: int) -> Any:
         mask = kwargs.get("attention_mask")
-        idx, ghost, full = rec.idx_k, rec.ghost, rec.full_len
+        idx, ghost, full = rec.idx_k, rec.ghost, rec.inner_len
         if mask is None:
             if ghost is None:
                 return None

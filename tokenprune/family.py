@@ -55,6 +55,7 @@ class Unit:
     rows: torch.Tensor
     grid: tuple[int, int]
     scores: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
+    frames: int = 1          #: a whole video as one unit: ``frames`` grids, frame-major
 
 
 @dataclass
@@ -151,8 +152,9 @@ class Family:
         return None
 
     def vision_layout(self, x: torch.Tensor, scores: dict[tuple[int, str], torch.Tensor],
-                      meta: Any) -> tuple[torch.Tensor, list[ImageLayout]]:
-        """Flatten the selection-point tensor to [R, D] and describe each image's units."""
+                      meta: Any, per_frame: bool = True) -> tuple[torch.Tensor, list[ImageLayout]]:
+        """Flatten the selection-point tensor to [R, D] and describe each image's units
+        (``per_frame=False``: a video is one unit with all its frames)."""
         n_img, n, d = x.shape
         p = self.num_prefix
         cls_off = 1 if self.vision_info.has_cls else 0

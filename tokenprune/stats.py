@@ -47,6 +47,8 @@ class PruneStats:
     visual_tokens_kept: list[int] = field(default_factory=list)
     kept_indices: list[list[torch.Tensor]] = field(default_factory=list)
     merge_groups: list[list[torch.Tensor | None]] = field(default_factory=list)
+    #: stacked strategies only: visual tokens per sample from the inner stage's layer K on
+    inner_tokens_kept: list[int] | None = None
     prune_ms: float = 0.0
     flops_before: float = 0.0
     flops_after: float = 0.0
@@ -58,6 +60,7 @@ class PruneStats:
             "visual_tokens_kept": list(self.visual_tokens_kept),
             "kept_indices": [[t.tolist() for t in row] for row in self.kept_indices],
             "merge_groups": [[None if g is None else g.tolist() for g in row] for row in self.merge_groups],
+            "inner_tokens_kept": self.inner_tokens_kept,
             "prune_ms": self.prune_ms,
             "flops_before": self.flops_before,
             "flops_after": self.flops_after,

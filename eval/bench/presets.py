@@ -22,6 +22,7 @@ class ModelPreset:
     budgets: tuple[int, ...]           # visual tokens kept per image
     text_tokens: int = 64              # prompt text around the image
     dtype: torch.dtype = torch.float32
+    image: tuple[int, int] | None = None   # Qwen families: image size in patches (h, w)
 
 
 @dataclass(frozen=True)
@@ -62,12 +63,39 @@ def llava15_7b_config():
                        vision_feature_layer=-2, vision_feature_select_strategy="default", pad_token_id=0)
 
 
+def _mid_qwen(kind: str):
+    def make():
+        from ..tiny import qwen_config
+
+        return qwen_config(kind, vision_layers=8, vision_hidden=256, vision_heads=8, llm_layers=8,
+                           llm_hidden=512, llm_heads=8, llm_kv_heads=8, vocab_size=1024)
+    return make
+
+
+def _tiny_qwen(kind: str):
+    def make():
+        from ..tiny import qwen_config
+
+        return qwen_config(kind)
+    return make
+
+
 PRESETS: dict[str, BenchPreset] = {
     "tiny": BenchPreset(
-        models=(ModelPreset("llava-tiny", "llava", _tiny_llava, batches=(1, 2), budgets=(16, 4), text_tokens=8),),
+        models=(ModelPreset("llava-tiny", "llava", _tiny_llava, batches=(1, 2), budgets=(16, 4), text_tokens=8),
+                ModelPreset("qwen2.5-vl-tiny", "qwen2_5_vl", _tiny_qwen("qwen2_5_vl"), batches=(1,),
+                            budgets=(8,), text_tokens=8, image=(8, 12))),
         repeats=2, warmup=1, decode_tokens=3, capture_batch=2),
     "cpu": BenchPreset(
-        models=(ModelPreset("llava-mid (576 tok)", "llava", _mid_llava, batches=(1, 4), budgets=(192, 64)),),
+        models=(ModelPreset("llava-mid (576 tok)", "llava", _mid_llava, batches=(1, 4), budgets=(192, 64)),
+                # 448 x 448 px (32 x 32 patches of 14 px) -> 256 merged tokens
+                ModelPreset("qwen2-vl-mid (256 tok)", "qwen2_vl", _mid_qwen("qwen2_vl"), batches=(1, 4),
+                            budgets=(85, 28), image=(32, 32)),
+                ModelPreset("qwen2.5-vl-mid (256 tok)", "qwen2_5_vl", _mid_qwen("qwen2_5_vl"), batches=(1, 4),
+                            budgets=(85, 28), image=(32, 32)),
+                # Qwen3-VL: 16 px patches, 512 x 512 px -> 256 merged tokens
+                ModelPreset("qwen3-vl-mid (256 tok)", "qwen3_vl", _mid_qwen("qwen3_vl"), batches=(1, 4),
+                            budgets=(85, 28), image=(32, 32))),
         repeats=5, warmup=1, decode_tokens=8, capture_batch=8),
     "gpu": BenchPreset(
         models=(ModelPreset("llava-1.5-7b", "llava", llava15_7b_config, batches=(1, 16),

@@ -77,6 +77,17 @@ def machine(device: str) -> str:
 
 def _inputs(mp: ModelPreset, model: Any, family: Any, batch: int, device: str) -> dict[str, torch.Tensor]:
     cfg = model.config
+    if mp.image is not None:   # Qwen: flat patches + grid_thw, one image per row
+        from ..tiny import qwen_batch, qwen_inputs, qwen_prompt
+
+        one = qwen_inputs(family.name, images=[mp.image], seed=1, dtype=mp.dtype)
+        n_img = mp.image[0] * mp.image[1] // 4
+        ids = qwen_prompt([("image", n_img)], vocab=min(cfg.text_config.vocab_size, 1024))
+        pad = mp.text_tokens - (ids.shape[1] - n_img)
+        ids = torch.cat([ids[:, :1], torch.randint(10, 1000, (1, max(0, pad))), ids[:, 1:]], 1)
+        one["input_ids"], one["attention_mask"] = ids, torch.ones_like(ids)
+        inp = qwen_batch(family.name, [one] * batch)
+        return {k: (v.to(device, mp.dtype) if v.is_floating_point() else v.to(device)) for k, v in inp.items()}
     n = family.tokens_per_image
     vocab = min(cfg.text_config.vocab_size, 1024)
     ids = prompt_ids(n, prefix=mp.text_tokens // 2, suffix=mp.text_tokens - mp.text_tokens // 2,
@@ -102,11 +113,16 @@ def _features(out: Any) -> torch.Tensor:
 
 
 def _kept_mask(ids: torch.Tensor, image_token_id: int, kept: list[list[torch.Tensor]]) -> torch.Tensor:
+    """[B, L] True for text and kept visual tokens (one image per row)."""
     keep = ids != image_token_id
     for b in range(ids.shape[0]):
         pos = torch.nonzero(~keep[b]).flatten()
         keep[b, pos[kept[b][0].to(pos.device)]] = True
     return keep
+
+
+def _vision_kwargs(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: inputs[k] for k in ("pixel_values", "image_grid_thw") if k in inputs}
 
 
 class Bench:
@@ -124,7 +140,7 @@ class Bench:
     def model_batch(self, mp: ModelPreset, model: Any, family: Any, batch: int, bar: Any) -> None:
         inputs = _inputs(mp, model, family, batch, self.device)
         core, ids = model.model, inputs["input_ids"]
-        n_in = family.tokens_per_image
+        n_in = int((ids[0] == family.image_token_id).sum())
 
         def forward() -> Any:
             return model(**inputs, logits_to_keep=1, use_cache=False)
@@ -134,7 +150,7 @@ class Bench:
             return model.generate(**inputs, max_new_tokens=d, min_new_tokens=d, do_sample=False)
 
         def vision() -> Any:
-            return core.get_image_features(pixel_values=inputs["pixel_values"])
+            return core.get_image_features(**_vision_kwargs(inputs))
 
         def measure(decode: bool) -> dict[str, Any]:
             timer = _LMTimer(core.language_model, self.device)
@@ -153,8 +169,9 @@ class Bench:
         base = measure(decode=True)
         bar.update()
         emb_full = core.get_input_embeddings()(ids)
-        emb_full = emb_full.masked_scatter((ids == family.image_token_id)[..., None],
-                                           _features(vision()).to(emb_full.dtype))
+        if family.tokens_per_image is not None:   # LLaVA: the ideal feeds the LLM embeddings by hand
+            emb_full = emb_full.masked_scatter((ids == family.image_token_id)[..., None],
+                                               _features(vision()).to(emb_full.dtype))
         ideal_cache: dict[int, dict[str, Any]] = {}
         for budget in mp.budgets:
             for name in self.strategies:
@@ -187,6 +204,8 @@ class Bench:
         """The unpatched model fed only the kept visual tokens (compact positions, no scoring)."""
         core, ids = model.model, inputs["input_ids"]
         keep = _kept_mask(ids, family.image_token_id, kept)
+        if family.tokens_per_image is None:
+            return self.ideal_sliced(model, inputs, keep)
         b = ids.shape[0]
         emb_kept = emb_full[keep].reshape(b, -1, emb_full.shape[-1])
         mask_kept = torch.ones(emb_kept.shape[:2], dtype=torch.long, device=ids.device)
@@ -204,6 +223,44 @@ class Bench:
         out = core.language_model(inputs_embeds=emb_kept, attention_mask=mask_kept, use_cache=True)
         return {"ttft_ms": self.t(forward), "llm_ms": self.t(llm), "peak_mb": peak_mb(forward, self.device),
                 "kv_mb": cache_mb(_cache(out))}
+
+    @torch.no_grad()
+    def ideal_sliced(self, model: Any, inputs: dict[str, torch.Tensor], keep: torch.Tensor) -> dict[str, Any]:
+        """Ideal for families whose LLM inputs the model builds itself (Qwen: M-RoPE positions,
+        DeepStack): the unpatched model with a pre-hook on its language model that keeps only
+        ``keep`` by plain indexing (no scoring); the kept tokens keep their original positions."""
+        core = model.model
+        b = keep.shape[0]
+        idx = torch.nonzero(keep)[:, 1].reshape(b, -1)
+
+        def pre(mod: Any, args: tuple, kw: dict[str, Any]) -> tuple:
+            new = dict(kw)
+            new["inputs_embeds"] = torch.gather(kw["inputs_embeds"], 1,
+                                                idx[..., None].expand(-1, -1, kw["inputs_embeds"].shape[-1]))
+            pos = kw.get("position_ids")
+            if pos is not None:
+                new["position_ids"] = torch.gather(pos, -1, idx.expand(*pos.shape[:-2], -1, -1))
+            if kw.get("attention_mask") is not None:
+                new["attention_mask"] = torch.gather(kw["attention_mask"], 1, idx)
+            vpm = kw.get("visual_pos_masks")
+            if vpm is not None:
+                rows = keep[vpm]
+                new["visual_pos_masks"] = torch.gather(vpm, 1, idx)
+                new["deepstack_visual_embeds"] = [e[rows] for e in kw["deepstack_visual_embeds"]]
+            return args, new
+        h = core.language_model.register_forward_pre_hook(pre, with_kwargs=True)
+        timer = _LMTimer(core.language_model, self.device)
+        try:
+            def forward() -> Any:
+                return model(**inputs, logits_to_keep=1, use_cache=False)
+            ttft = self.t(forward)
+            llm = timer.median_ms()
+            peak = peak_mb(forward, self.device)
+            kv = cache_mb(_cache(model(**inputs, logits_to_keep=1, use_cache=True)))
+        finally:
+            timer.close()
+            h.remove()
+        return {"ttft_ms": ttft, "llm_ms": llm, "peak_mb": peak, "kv_mb": kv}
 
     # -- vision: SDPA vs our capture vs official-style eager + output_attentions -----------------
     @torch.no_grad()
@@ -250,10 +307,12 @@ class Bench:
         for mp in self.bp.models:
             model = build(mp, self.device)
             family = family_for(model)
-            eager = eager_copy(family.vision_tower)
+            eager = eager_copy(family.vision_tower) if mp.image is None else None
             for batch in mp.batches:
                 bar.set_postfix_str(f"{mp.name} bs={batch}")
                 self.model_batch(mp, model, family, batch, bar)
+            if mp.image is not None:   # Qwen: no official-style eager reference (its vision
+                continue               # attention never returns weights); see docs
             for batch in sorted(set(mp.batches) | ({self.bp.capture_batch} - {None})):
                 self.vision(mp, model, family, batch, eager)
             del model, eager

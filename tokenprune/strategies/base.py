@@ -15,7 +15,7 @@ import torch
 from ..config import PruneConfig
 
 #: capabilities a family can provide and a strategy can need
-CAPABILITIES = ("cls_attention", "mean_attention", "keys", "features", "llm_attention")
+CAPABILITIES = ("cls_attention", "mean_attention", "keys", "features", "llm_attention", "video")
 
 ScoreKind = Literal["cls", "mean", "keys"]
 
@@ -64,6 +64,8 @@ class VisualTokens:
     grid: tuple[int, int]
     features: torch.Tensor | None
     scores: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
+    #: video strategies (``unit="video"``): frames of ``grid`` each, frame-major (N = frames*h*w)
+    frames: int = 1
 
 
 @dataclass
@@ -98,6 +100,14 @@ class StrategySpec:
     #: llm stage, optional: (config, hidden [N, D] of one image's tokens at layer K, kept indices [n])
     #: -> [n, D] hidden states of the kept tokens with the dropped ones merged in (HoliTom's "M")
     merge_llm: Callable[[PruneConfig, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    #: "frame": select in every image / frame group on its own (budget split evenly over a
+    #: video's frame groups); "video": one call per video with all its frames (``VisualTokens.frames``)
+    unit: Literal["frame", "video"] = "frame"
+    #: "select": images are pruned too; "keep": images pass through unchanged (video-only methods)
+    images: Literal["select", "keep"] = "select"
+    #: for a vision-stage method with its own inner-LLM stage (HoliTom's "M"): config ->
+    #: (inner strategy name, its parameters), or None when switched off
+    inner: Callable[[PruneConfig], "tuple[str, dict] | None"] | None = None
     paper: str = ""
 
 

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from ..config import ConfigError, PruneConfig, check_range
 from ..registry import register_strategy
-from .base import LLMInfo, StrategySpec, topk_indices
+from .base import LLMInfo, ScoreRequest, Selection, StrategySpec, VisionInfo, VisualTokens, topk_indices
 from .fastv import fastv_select
 
 #: defaults of the official scripts (LLaVA-OneVision-7B, 32 frames)
@@ -174,6 +174,8 @@ class VideoSelection:
     frames: torch.Tensor
     positions: torch.Tensor
     segments: list[tuple[int, int]]
+    #: [F*P] for every input token (frame-major) the output token that carries it, -1 if dropped
+    groups: torch.Tensor | None = None
 
 
 def holitom_outer(features: torch.Tensor, scores: torch.Tensor, n_keep: int, tau: float = TAU,
@@ -198,6 +200,8 @@ def holitom_outer(features: torch.Tensor, scores: torch.Tensor, n_keep: int, tau
     quota = allocate(sizes, n_keep)
     feats, frames, positions = [], [], []
     seg_of = {f: (s, e) for s, e in segments for f in range(s, e + 1)}
+    owner = torch.full((n_frames, n_pos), -1, dtype=torch.long, device=features.device)
+    n_out = 0
     for (kind, f, pos), q in zip(groups, quota):
         if q == 0:
             continue
@@ -207,15 +211,55 @@ def holitom_outer(features: torch.Tensor, scores: torch.Tensor, n_keep: int, tau
             centres, assign = dpc_knn(x, q, k)
             feats.append(merge_clusters(x, centres, assign, beta))
             chosen = pos[centres]
+            owner[s:e + 1, pos] = (n_out + assign)[None]   # every frame of the window joins the cluster
         else:
             chosen = torch.sort(pos[topk_indices(scores[f, pos], q)]).values
             feats.append(features[f, chosen])
+            owner[f, chosen] = n_out + torch.arange(chosen.numel(), device=features.device)
+        n_out += chosen.numel()
         frames.append(torch.full((chosen.numel(),), f, dtype=torch.long, device=features.device))
         positions.append(chosen)
     empty = torch.zeros(0, dtype=torch.long, device=features.device)
     return VideoSelection(torch.cat(feats) if feats else features.new_zeros(0, features.shape[-1]),
                           torch.cat(frames) if frames else empty, torch.cat(positions) if positions else empty,
-                          segments)
+                          segments, owner.flatten())
+
+
+def holitom_in_place(features: torch.Tensor, scores: torch.Tensor, n_keep: int, tau: float = TAU,
+                     beta: float | None = BETA, k: int = DPC_K, max_window: int = MAX_WINDOW
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """HoliTom's outer stage for a family that keeps every token at its own place (Qwen: 3-D
+    M-RoPE positions): features [F, P, D], scores [F, P] -> (indices [n_keep] ascending into the
+    F*P frame-major tokens, features [n_keep, D] to put there, groups [F*P]).
+
+    A merged static token sits at its cluster centre's position in the window's first frame (as
+    the official code places it). Exact budget: ``n_keep >= F*P`` keeps everything unchanged; when
+    static merging alone leaves fewer than ``n_keep`` tokens (high budgets), the rest is filled
+    with the highest-attention tokens not yet kept, each with its own features.
+    """
+    n_frames, n_pos, _ = features.shape
+    total = n_frames * n_pos
+    if n_keep >= total:
+        idx = torch.arange(total, device=features.device)
+        return idx, features.reshape(total, -1), idx.clone()
+    vs = holitom_outer(features, scores, n_keep, tau, beta, k, max_window)
+    flat = vs.frames * n_pos + vs.positions
+    feats, groups = vs.features, vs.groups
+    short = n_keep - flat.numel()
+    if short > 0:
+        free = torch.ones(total, dtype=torch.bool, device=features.device)
+        free[flat] = False
+        sc = torch.where(free, scores.reshape(-1).float(), torch.full((total,), -float("inf"), device=features.device))
+        extra = torch.sort(topk_indices(sc, short)).values
+        groups = groups.clone()
+        groups[extra] = flat.numel() + torch.arange(short, device=features.device)
+        flat = torch.cat([flat, extra])
+        feats = torch.cat([feats, features.reshape(total, -1)[extra]])
+    order = torch.argsort(flat)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel(), device=order.device)
+    groups = torch.where(groups >= 0, rank[groups.clamp(min=0)], groups)
+    return flat[order], feats[order], groups
 
 
 def merge_into_kept(hidden: torch.Tensor, keep: torch.Tensor, weighting: str = "sequential") -> torch.Tensor:
@@ -291,4 +335,70 @@ INNER_SPEC = register_strategy(StrategySpec(
     llm_layer=inner_layer, select_llm=lambda cfg, row, n: fastv_select(row, n),
     merge_llm=lambda cfg, hidden, keep: merge_into_kept(hidden, keep, cfg.weighting),
     paper="Shao et al. 2025, HoliTom (inner-LLM merging), NeurIPS 2025, arXiv 2505.21334",
+))
+
+
+@dataclass(frozen=True)
+class HoliTomConfig(PruneConfig):
+    """HoliTom on videos (``holitom``): ``keep``/``budget`` per video for the outer stage (the paper:
+    0.10-0.25); ``tau`` static threshold (None: 0.8, or 0.65 at keep <= 0.10 as the official
+    scripts); ``beta`` centre weight of a merged static token (None: plain mean); ``k`` DPC-KNN
+    neighbours; ``max_window`` frames per segment. Inner stage ("M"): ``inner_merge=True`` adds
+    ``holitom_inner`` with ``inner_keep`` (0.5) at ``inner_layer`` (None: 18 of 28 scaled) and
+    ``inner_weighting``; ``inner_merge=False`` is the paper's "w/o M". Images pass through unchanged."""
+
+    name = "holitom"
+    tau: float | None = None
+    beta: float | None = BETA
+    k: int = DPC_K
+    max_window: int = MAX_WINDOW
+    inner_merge: bool = True
+    inner_keep: float = 0.5
+    inner_layer: int | None = None
+    inner_weighting: str = "sequential"
+
+    def validate(self) -> None:
+        if self.tau is not None:
+            check_range("tau", self.tau, -1.0, 1.0)
+        if self.beta is not None:
+            check_range("beta", self.beta, 0.0, 1.0)
+        check_range("k", self.k, 1, 10**6, integer=True)
+        check_range("max_window", self.max_window, 2, 10**6, integer=True)
+        check_range("inner_keep", self.inner_keep, 0.0, 1.0, lo_open=True)
+        if self.inner_layer is not None:
+            check_range("inner_layer", self.inner_layer, 1, 10**6, integer=True)
+        if self.inner_weighting not in WEIGHTINGS:
+            raise ConfigError(f"inner_weighting must be one of {WEIGHTINGS}; got {self.inner_weighting!r}")
+
+    def threshold(self) -> float:
+        if self.tau is not None:
+            return self.tau
+        return TAU_LOW_BUDGET if self.keep is not None and self.keep <= 0.10 + 1e-9 else TAU
+
+
+def _holitom_requests(cfg: HoliTomConfig, info: VisionInfo) -> list[ScoreRequest]:
+    return [ScoreRequest(info.feature_layer, "mean")]
+
+
+def _holitom_select(cfg: HoliTomConfig, tokens: VisualTokens, n_keep: int, info: VisionInfo) -> Selection:
+    f = tokens.frames
+    h, w = tokens.grid
+    assert tokens.features is not None
+    feats = tokens.features.reshape(f, h * w, -1)
+    scores = tokens.scores[(info.feature_layer, "mean")].reshape(f, h * w)
+    idx, merged, groups = holitom_in_place(feats, scores, n_keep, cfg.threshold(), cfg.beta, cfg.k, cfg.max_window)
+    return Selection(idx, merged, groups)
+
+
+def _holitom_inner(cfg: HoliTomConfig) -> tuple[str, dict] | None:
+    if not cfg.inner_merge:
+        return None
+    return "holitom_inner", {"keep": cfg.inner_keep, "layer": cfg.inner_layer, "weighting": cfg.inner_weighting}
+
+
+SPEC = register_strategy(StrategySpec(
+    name="holitom", config_cls=HoliTomConfig, stage="vision",
+    needs=frozenset({"mean_attention", "features", "video"}), requests=_holitom_requests,
+    select=_holitom_select, unit="video", images="keep", inner=_holitom_inner,
+    paper="Shao et al. 2025, HoliTom, NeurIPS 2025, arXiv 2505.21334",
 ))
