@@ -781,8 +781,12 @@ class PruneHandle:
             keep[sp.row, span[p + kept]] = True
         if self.vspec is None:
             self._fill_stats(state, keep, b)
-        else:  # stacked: stats describe the LLM input; the inner stage adds its own count
-            state.stats.inner_tokens_kept = (visual & keep).sum(1).tolist()
+        else:  # stacked: stats describe the LLM input; the inner stage adds its own counts
+            st = state.stats
+            st.inner_tokens_kept = (visual & keep).sum(1).tolist()
+            st.inner_kept_indices = [[] for _ in range(b)]
+            for sp in state.spans:
+                st.inner_kept_indices[sp.row].append(torch.nonzero(keep[sp.row, sp.cols.to(dev)]).flatten().cpu())
         fv["keep"] = keep
         # rows must keep equal lengths: pad short rows with "ghost" tokens (dropped visual tokens
         # that stay in the sequence but are hidden as keys from every query)

@@ -49,6 +49,9 @@ class PruneStats:
     merge_groups: list[list[torch.Tensor | None]] = field(default_factory=list)
     #: stacked strategies only: visual tokens per sample from the inner stage's layer K on
     inner_tokens_kept: list[int] | None = None
+    #: stacked only: per sample, per image / video, indices (into the tokens the outer stage kept,
+    #: in order) of those the inner stage keeps from layer K
+    inner_kept_indices: list[list[torch.Tensor]] | None = None
     prune_ms: float = 0.0
     flops_before: float = 0.0
     flops_after: float = 0.0
