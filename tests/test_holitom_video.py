@@ -281,3 +281,42 @@ def test_stacking_errors():
     with pytest.raises(tokenprune.ConfigError, match="already acts inside the LLM"):
         tokenprune.apply(model, "fastv", keep=KEEP, inner=("fastv", {"keep": 0.5}))
     assert tokenprune.get_handle(model) is None
+
+
+def test_stacking_on_llava_equals_layerwise_reference():
+    """The general stacking path on LLaVA-1.5 (1-D positions): hiprune before the LLM, then
+    FastV at layer K on the tokens hiprune kept."""
+    from conftest import N_TOK, single
+    from tokenprune.eval.tiny import build_llava
+
+    model = build_llava()
+    clean = copy.deepcopy(model)
+    inp = single(2)
+    h = tokenprune.apply(model, "hiprune", budget=20, inner=("fastv", {"budget": 8, "layer": 1}))
+    out, lm_in = captured_lm_inputs(model, inp)
+    st = h.last_stats
+    assert st.visual_tokens_kept == [40] and st.inner_tokens_kept == [16]
+    ids = inp["input_ids"][0]
+    keep_outer = ids != 4
+    runs = torch.nonzero(ids == 4).flatten().reshape(-1, N_TOK)
+    for run, k in zip(runs, st.kept_indices[0]):
+        keep_outer[run[k]] = True
+    pos_of = torch.cumsum(keep_outer.long(), 0) - 1
+    keep_k = torch.ones(int(keep_outer.sum()), dtype=torch.bool)
+    for run, k, inner in zip(runs, st.kept_indices[0], st.inner_kept_indices[0]):
+        cols = pos_of[run[k]]
+        flags = torch.zeros(cols.numel(), dtype=torch.bool)
+        flags[inner] = True
+        keep_k[cols] = flags
+    ref = layerwise(clean, lm_in, keep_k, 1)
+    torch.testing.assert_close(out[:, -1], ref[:, -1], atol=3e-5, rtol=1e-5)
+    with torch.no_grad():
+        g = model.generate(**inp, max_new_tokens=4, do_sample=False)
+        seq, cache = [], None
+        o = model(**inp, use_cache=True)
+        cache, tok = o.past_key_values, o.logits[:, -1].argmax(-1, keepdim=True)
+        for _ in range(4):
+            seq.append(tok)
+            o = model(input_ids=tok, past_key_values=cache, use_cache=True)
+            cache, tok = o.past_key_values, o.logits[:, -1].argmax(-1, keepdim=True)
+    assert torch.equal(torch.cat(seq, 1), g[:, -4:])
