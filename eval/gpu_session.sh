@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One lent-GPU session (no internet there): the GPU speed preset and/or training the tiny VQA model.
-#   bash eval/gpu_session.sh bench|train OUT_DIR
+#   bash eval/gpu_session.sh bench|holitom|train OUT_DIR
 # Uses the machine's own torch/transformers; tokenprune is put on PYTHONPATH from a copy laid out as
 # the installed package (tokenprune/, tokenprune/patches, tokenprune/eval) so no pip is needed.
 set -uo pipefail
@@ -15,6 +15,8 @@ python3 -c "import torch, transformers, tokenprune; print('torch', torch.__versi
 case "$what" in
   bench) timeout -s TERM "${BENCH_SECONDS:-230}" python3 -m tokenprune.eval.bench.run --preset gpu --out "$out" 2>&1 \
            | tr '\r' '\n' | grep -v '^bench: .*it\]$' ;;
+  holitom) timeout -s TERM "${BENCH_SECONDS:-120}" python3 -m tokenprune.eval.bench.holitom --preset gpu --out "$out" 2>&1 \
+           | tr '\r' '\n' | grep -v 'it\]$' ;;
   train) timeout -s TERM "${TRAIN_SECONDS:-340}" python3 -m tokenprune.eval.synthetic.train --device cuda ${TRAIN_ARGS:-} \
            --out "$out/tiny-llava-vqa" --seconds-a "${SECONDS_A:-60}" --seconds-b "${SECONDS_B:-210}" --batch 256 2>&1 \
            | tr '\r' '\n' | awk 'NR % 25 == 0 || !/it\/s|s\/it/' ;;

@@ -320,3 +320,18 @@ def test_stacking_on_llava_equals_layerwise_reference():
             o = model(input_ids=tok, past_key_values=cache, use_cache=True)
             cache, tok = o.past_key_values, o.logits[:, -1].argmax(-1, keepdim=True)
     assert torch.equal(torch.cat(seq, 1), g[:, -4:])
+
+
+def test_outer_stage_benchmark_smoke(tmp_path):
+    """The HoliTom outer-stage benchmark at a tiny size: every column is produced and finite."""
+    import json
+    import math
+
+    from tokenprune.eval.bench.holitom import main
+
+    main(["--preset", "tiny", "--device", "cpu", "--out", str(tmp_path)])
+    res = json.loads((tmp_path / "holitom_outer_tiny.json").read_text())
+    assert res["kept"] == round(0.1 * 32 * 196)
+    for key in ("vision_ms", "vision_patched_ms", "capture_and_select_ms", "outer_ms", "outer_share"):
+        assert math.isfinite(res[key]) and res[key] > 0, key
+    assert (tmp_path / "holitom_outer_tiny.md").stat().st_size > 0
