@@ -293,3 +293,132 @@ def build_qwen_processor(kind: str = "qwen2_vl", min_pixels: int = 56 * 56, max_
         cls = tf.Qwen2VLProcessor if kind == "qwen2_vl" else tf.Qwen2_5_VLProcessor
     return cls(image_processor=ip, tokenizer=build_qwen_tokenizer(), video_processor=vp,
                chat_template=QWEN_CHAT_TEMPLATE)
+
+
+# ----------------------------------------------------------------------------------------------
+# LLaVA-NeXT / LLaVA-OneVision (anyres)
+# ----------------------------------------------------------------------------------------------
+
+ANYRES_KINDS = ("llava_next", "llava_onevision")
+CROP = 56                     # crop side in px: 4 x 4 patches of 14 px per crop
+#: crop grids 1x2, 2x1, 2x2, 1x3, 3x1 (NeXT-like) and 3x3, 4x4 (OneVision's larger grids)
+PINPOINTS = [[56, 112], [112, 56], [112, 112], [56, 168], [168, 56], [168, 168], [224, 224]]
+ANYRES_IDS = {"image": 4, "video": 5}
+
+
+def anyres_config(kind: str = "llava_next", *, vision_layers: int = 3, vision_hidden: int = 32,
+                  vision_heads: int = 4, llm_layers: int = 3, llm_hidden: int = 64, llm_heads: int = 4,
+                  llm_kv_heads: int = 2, vocab_size: int = 256, crop: int = CROP, patch: int = 14,
+                  pinpoints: list[list[int]] | None = None):
+    """A tiny LLaVA-NeXT (CLIP + Llama, CLS dropped) or LLaVA-OneVision (SigLIP + Qwen2, no CLS)."""
+    import transformers as tf
+
+    pins = pinpoints or (PINPOINTS if kind == "llava_onevision" else PINPOINTS[:5])
+    text = dict(hidden_size=llm_hidden, intermediate_size=llm_hidden * 2, num_hidden_layers=llm_layers,
+                num_attention_heads=llm_heads, num_key_value_heads=llm_kv_heads, vocab_size=vocab_size,
+                max_position_embeddings=4096, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if kind == "llava_next":
+        vision = tf.CLIPVisionConfig(hidden_size=vision_hidden, intermediate_size=vision_hidden * 4,
+                                     num_hidden_layers=vision_layers, num_attention_heads=vision_heads,
+                                     image_size=crop, patch_size=patch, projection_dim=vision_hidden)
+        return tf.LlavaNextConfig(vision_config=vision, text_config=tf.LlamaConfig(**text),
+                                  image_token_id=ANYRES_IDS["image"], image_grid_pinpoints=pins,
+                                  vision_feature_layer=-2, vision_feature_select_strategy="default")
+    if kind == "llava_onevision":
+        vision = tf.SiglipVisionConfig(hidden_size=vision_hidden, intermediate_size=vision_hidden * 4,
+                                       num_hidden_layers=vision_layers, num_attention_heads=vision_heads,
+                                       image_size=crop, patch_size=patch)
+        return tf.LlavaOnevisionConfig(vision_config=vision, text_config=tf.Qwen2Config(**text),
+                                       image_token_id=ANYRES_IDS["image"], video_token_id=ANYRES_IDS["video"],
+                                       image_grid_pinpoints=pins, vision_feature_layer=-1,
+                                       vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9")
+    raise ValueError(f"unknown anyres kind {kind!r}; one of {ANYRES_KINDS}")
+
+
+def build_anyres(kind: str = "llava_next", seed: int = 0, dtype: torch.dtype = torch.float32,
+                 attn_implementation: str = "sdpa", **kw: Any):
+    """A random tiny LLaVA-NeXT / OneVision of the real class, eval mode, vision attention sharpened."""
+    import transformers as tf
+
+    cls = {"llava_next": tf.LlavaNextForConditionalGeneration,
+           "llava_onevision": tf.LlavaOnevisionForConditionalGeneration}[kind]
+    cfg = anyres_config(kind, **kw)
+    torch.manual_seed(seed)
+    model = cls._from_config(cfg, attn_implementation=attn_implementation, dtype=dtype)
+    with torch.no_grad():
+        tower = model.model.vision_tower
+        for layer in (tower.vision_model if hasattr(tower, "vision_model") else tower).encoder.layers:
+            layer.self_attn.q_proj.weight.mul_(4.0)
+            layer.self_attn.k_proj.weight.mul_(4.0)
+    return model.eval()
+
+
+ANYRES_CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }} : "
+    "{% for c in m['content'] %}{% if c['type'] == 'image' %}<image> {% elif c['type'] == 'video' %}<video> "
+    "{% else %}{{ c['text'] }} {% endif %}{% endfor %}"
+    "{% endfor %}{% if add_generation_prompt %}assistant : {% endif %}")
+
+
+def build_anyres_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["<pad>", "<s>", "</s>", "[UNK]", "<image>", "<video>"]
+    vocab = {t: i for i, t in enumerate(special + sorted(set(WORDS)) + list("?.,:"))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="[UNK]", padding_side="left",
+                                   extra_special_tokens={"image_token": "<image>", "video_token": "<video>"})
+    fast.add_special_tokens({"additional_special_tokens": ["<image>", "<video>"]})
+    return fast
+
+
+def build_anyres_processor(kind: str = "llava_next"):
+    """The family's real processor (anyres image processor; OneVision also its video processor)."""
+    import transformers as tf
+
+    cfg = anyres_config(kind)
+    pins = cfg.image_grid_pinpoints
+    if kind == "llava_next":
+        ip = tf.LlavaNextImageProcessor(size={"shortest_edge": CROP}, crop_size={"height": CROP, "width": CROP},
+                                        image_grid_pinpoints=pins)
+        return tf.LlavaNextProcessor(image_processor=ip, tokenizer=build_anyres_tokenizer(), patch_size=14,
+                                     num_additional_image_tokens=1,
+                                     vision_feature_select_strategy="default", chat_template=ANYRES_CHAT_TEMPLATE)
+    ip = tf.LlavaOnevisionImageProcessor(size={"height": CROP, "width": CROP}, image_grid_pinpoints=pins)
+    vp = tf.LlavaOnevisionVideoProcessor(size={"height": CROP, "width": CROP})
+    side = CROP // 14
+    return tf.LlavaOnevisionProcessor(image_processor=ip, video_processor=vp, tokenizer=build_anyres_tokenizer(),
+                                      num_image_tokens=side * side, vision_feature_select_strategy="full",
+                                      vision_aspect_ratio="anyres_max_9", chat_template=ANYRES_CHAT_TEMPLATE)
+
+
+def anyres_inputs(processor: Any, images: list[Any] = (), videos: list[Any] = (), question: str = "what is this",
+                  seed: int = 0) -> dict[str, torch.Tensor]:
+    """One prompt through the real processor: ``images`` (PIL) then ``videos`` ((T, H, W, 3) uint8)."""
+    content = ([{"type": "image"} for _ in images] + [{"type": "video"} for _ in videos]
+               + [{"type": "text", "text": question}])
+    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    kw: dict[str, Any] = {"text": text, "return_tensors": "pt"}
+    if images:
+        kw["images"] = list(images)
+    if videos:
+        kw["videos"] = list(videos)
+    return dict(processor(**kw))
+
+
+def random_image(h: int, w: int, seed: int = 0):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+
+
+def random_video(frames: int, h: int, w: int, seed: int = 0):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 255, (frames, h, w, 3), dtype=np.uint8)

@@ -113,22 +113,30 @@ def _find_encoding(encoded: list["Encoded"], f: torch.Tensor) -> tuple["Encoded"
     return None
 
 
-def split_budget(total: int, sizes: list[int]) -> list[int]:
-    """Split ``total`` kept tokens evenly over units of ``sizes`` tokens (the first units get the
-    remainder; a unit never gets more than it has, the rest moves on). Sums to ``total``."""
+def split_budget(total: int, sizes: list[int], weights: list[float] | None = None) -> list[int]:
+    """Split ``total`` kept tokens over units of ``sizes`` tokens in proportion to ``weights``
+    (default: evenly), largest remainder first (ties: the earlier unit); a unit never gets more than
+    it has, the excess moves on to the others. Sums to ``min(total, sum(sizes))``."""
+    w = [1.0] * len(sizes) if weights is None else [float(x) for x in weights]
     out = [0] * len(sizes)
-    left, open_units = total, list(range(len(sizes)))
+    left, open_units = min(total, sum(sizes)), [i for i in range(len(sizes)) if sizes[i] > 0]
     while left > 0 and open_units:
-        base, rem = divmod(left, len(open_units))
-        nxt = []
-        for j, u in enumerate(open_units):
-            want = base + (1 if j < rem else 0)
-            got = min(want, sizes[u] - out[u])
-            out[u] += got
-            left -= got
-            if out[u] < sizes[u]:
-                nxt.append(u)
-        open_units = nxt
+        wsum = sum(w[i] for i in open_units) or float(len(open_units))
+        exact = {i: left * (w[i] if wsum else 1.0) / wsum for i in open_units}
+        give = {i: min(sizes[i] - out[i], int(exact[i])) for i in open_units}
+        rest = left - sum(give.values())
+        for i in sorted(open_units, key=lambda i: (-(exact[i] - int(exact[i])), i)):
+            if rest <= 0:
+                break
+            if give[i] < sizes[i] - out[i]:
+                give[i] += 1
+                rest -= 1
+        for i in open_units:
+            out[i] += give[i]
+            left -= give[i]
+        open_units = [i for i in open_units if out[i] < sizes[i]]
+        if rest > 0 and not any(give.values()):
+            break
     return out
 
 
@@ -189,6 +197,7 @@ class Encoded:
     images: list[ImageSel]
     seconds: float
     seq: int                               # increasing per handle: orders encodings and calls
+    raw: Any = None                        # select-at-LLM families: (scores, projector output)
 
 
 @dataclass
@@ -285,7 +294,9 @@ class PruneHandle:
                     self._add(h)
             self._add(fam.vision_tower.register_forward_pre_hook(self._vision_pre, with_kwargs=True))
             sel = fam.selection_module
-            if fam.select_on_output:
+            if fam.select_at_lm:      # keep the scores; select at the LLM input (packed layout)
+                self._add(sel.register_forward_hook(self._record_raw))
+            elif fam.select_on_output:
                 self._add(sel.register_forward_hook(self._selection_on_output))
             else:
                 self._add(sel.register_forward_pre_hook(self._selection_on_input))
@@ -438,6 +449,18 @@ class PruneHandle:
         self._remember(state, out)
         return new
 
+    def _record_raw(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        state = self._vision.get()
+        self._vision.set(None)
+        if state is None:
+            return
+        encoded = self._encoded()
+        with self._lock:
+            self._seq += 1
+            seq = self._seq
+        encoded.append(Encoded([], [], state.seconds, seq, raw=(dict(state.scores), output)))
+        del encoded[:-MAX_PENDING]
+
     def _remember(self, state: VisionCall, output: torch.Tensor) -> None:
         t0 = time.perf_counter()
         outputs = self.family.image_outputs(output, state.layouts, state.meta)
@@ -462,7 +485,7 @@ class PruneHandle:
                 raise ConfigError(f"the budget must leave at least one visual token after the {lay.prefix} "
                                   f"prefix token(s); got {total + lay.prefix} of {lay.n_tokens}")
             sizes = [u.rows.numel() for u in lay.units]
-            units.extend(zip(lay.units, split_budget(total, sizes)))
+            units.extend(zip(lay.units, split_budget(total, sizes, [u.weight for u in lay.units])))
         sels = self._select_units(flat, units)
         merged = None
         for (u, n_keep), sel in zip(units, sels):
@@ -514,11 +537,17 @@ class PruneHandle:
     def _image_sel(lay: ImageLayout, sels: list[Selection]) -> ImageSel:
         keep = torch.zeros(lay.n_tokens, dtype=torch.bool)
         keep[: lay.prefix] = True
+        if lay.fixed is not None:
+            keep[lay.fixed.cpu()] = True
         off, groups, kept_before = lay.prefix, [], 0
         for u, sel in zip(lay.units, sels):
             n = u.rows.numel()
             idx = sel.indices.cpu()
-            keep[off + idx] = True
+            if u.span_pos is not None:
+                keep[u.span_pos.cpu()[idx]] = True
+            else:
+                keep[off + idx] = True
+                off += n
             if sel.groups is not None:
                 g = sel.groups.cpu().clone()
             else:
@@ -526,9 +555,68 @@ class PruneHandle:
                 g[idx] = torch.arange(idx.numel())
             groups.append(torch.where(g >= 0, g + kept_before, g))
             kept_before += idx.numel()
-            off += n
         merged = any(sel.groups is not None for sel in sels)
         return ImageSel(keep=keep, groups=torch.cat(groups) if merged else None)
+
+    def _select_at_lm(self, state: CallState, embeds: torch.Tensor) -> tuple[list[ImageSel], torch.Tensor]:
+        """Families whose placeholder layout is built after the projector (LLaVA-NeXT /
+        OneVision: packed crops, unpadding, newline tokens): the family maps the encoder's scores
+        onto the placeholder runs; selection runs on the LLM-input embeddings there."""
+        t0 = time.perf_counter()
+        fam = self.family
+        encoded = self._encoded()
+        raws: dict[str, list[Any]] = {}
+        mine = iter([e for e in encoded if e.seq > state.encoded_mark and e.raw is not None])
+        for m in state.from_forward:
+            e = next(mine, None)
+            if e is not None:
+                raws[m] = [e.raw]
+                state.seconds += e.seconds
+        given = [m for m in fam.pixel_keys if m in state.given]
+        earlier = [e for e in encoded if e.seq <= state.encoded_mark and e.raw is not None][-len(given):] if given else []
+        if len(earlier) != len(given):
+            raise UnsupportedCallError(
+                "pre-computed image features (mm_encoder_outputs) were not produced by this patched model; "
+                "pass pixel_values instead")
+        for m, e in zip(given, earlier):
+            raws[m] = [e.raw]
+            state.seconds += e.seconds
+        b, length, d = embeds.shape
+        flat = embeds.reshape(b * length, d)
+        per_frame = self.vspec.unit == "frame"
+        images: list[ImageSel] = []
+        units: list[tuple[Unit, int]] = []
+        layouts: list[ImageLayout] = []
+        for m in fam.pixel_keys:
+            spans = [sp for sp in state.spans if sp.modality == m]
+            if not spans:
+                continue
+            if m not in raws:
+                raise UnsupportedCallError(f"no encoder pass was seen for the {m}s of this call")
+            lays = fam.lm_layouts(m, spans, embeds, raws[m], per_frame)
+            for lay in lays:
+                n_content = sum(u.rows.numel() for u in lay.units)
+                total = self.vconfig.tokens_for(n_content)
+                sizes = [u.rows.numel() for u in lay.units]
+                units.extend(zip(lay.units, split_budget(total, sizes, [u.weight for u in lay.units])))
+            layouts.extend(lays)
+        sels = self._select_units(flat, units)
+        merged = None
+        for (u, n_keep), sel in zip(units, sels):
+            if sel.indices.numel() != n_keep:
+                raise RuntimeError(f"strategy {self.vspec.name} kept {sel.indices.numel()} tokens, budget is {n_keep}")
+            if sel.features is not None:
+                if merged is None:
+                    merged = flat.clone()
+                merged[u.rows[sel.indices.to(u.rows.device)]] = sel.features.to(flat.device, flat.dtype)
+        it = iter(sels)
+        for lay, sp in zip(layouts, state.spans):
+            im = self._image_sel(lay, [next(it) for _ in lay.units])
+            if sp.modality == "image" and self.vspec.images == "keep":
+                im = ImageSel(keep=torch.ones_like(im.keep))
+            images.append(im)
+        state.seconds += time.perf_counter() - t0
+        return images, (embeds if merged is None else merged.reshape(b, length, d))
 
     def _encoded(self) -> list[Encoded]:
         """This thread's recent encodings (newest last)."""
@@ -625,7 +713,10 @@ class PruneHandle:
         visual = state.visual
         embeds = kwargs["inputs_embeds"]
         b, length = visual.shape
-        images = self._take_selections(state)
+        if self.family.select_at_lm:
+            images, embeds = self._select_at_lm(state, embeds)
+        else:
+            images = self._take_selections(state)
         keep = ~visual
         for sp, im in zip(state.spans, images):
             keep[sp.row, sp.cols.to(visual.device)] = im.keep.to(visual.device)
@@ -733,7 +824,7 @@ class PruneHandle:
                                                                 device=state.visual.device)
         last = length - 1 - torch.argmax(torch.flip(valid.long(), dims=[1]), dim=1)
         state.fastv = {"valid": valid.to(state.visual.device), "last": last.to(state.visual.device),
-                       "length": length}
+                       "length": length, "fixed": self.family.structural(state.spans, kwargs["inputs_embeds"])}
         return None
 
     def _llm_attn_pre(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
@@ -770,15 +861,19 @@ class PruneHandle:
         visual = state.visual.to(dev)
         keep = ~visual
         p = self._prefix
-        for sp in state.spans:
+        for sp, fixed in zip(state.spans, fv["fixed"]):
             span = sp.cols.to(dev)
             if not self._inner_applies(sp):
                 keep[sp.row, span] = True
                 continue
-            n_keep = self.lconfig.tokens_for(span.numel()) - p
-            kept = self.lspec.select_llm(self.lconfig, row[sp.row, span[p:]], n_keep)
-            keep[sp.row, span[:p]] = True
-            keep[sp.row, span[p + kept]] = True
+            cand = torch.ones(span.numel(), dtype=torch.bool, device=dev)
+            cand[:p] = False
+            cand[fixed.to(dev)] = False             # layout tokens: kept, not in the budget
+            content = span[cand]
+            n_keep = self.lconfig.tokens_for(content.numel() + p) - p   # a kept CLS prefix counts, as before the LLM
+            kept = self.lspec.select_llm(self.lconfig, row[sp.row, content], n_keep)
+            keep[sp.row, span[~cand]] = True
+            keep[sp.row, content[kept]] = True
         if self.vspec is None:
             self._fill_stats(state, keep, b)
         else:  # stacked: stats describe the LLM input; the inner stage adds its own counts
@@ -845,10 +940,13 @@ class PruneHandle:
         """Merge each image's dropped tokens into its kept ones (HoliTom "M") before slicing at K."""
         keep = state.fastv["keep"].to(hidden.device)
         out = hidden.clone()
-        for sp in state.spans:
+        for sp, fixed in zip(state.spans, state.fastv["fixed"]):
             if not self._inner_applies(sp):
                 continue
-            r, grid = sp.row, sp.cols.to(hidden.device)[self._prefix:]
+            cand = torch.ones(sp.cols.numel(), dtype=torch.bool)
+            cand[: self._prefix] = False
+            cand[fixed] = False
+            r, grid = sp.row, sp.cols[cand].to(hidden.device)
             kept = torch.nonzero(keep[r, grid]).flatten()
             out[r, grid[kept]] = self.lspec.merge_llm(self.lconfig, hidden[r, grid], kept)  # type: ignore[misc]
         return out

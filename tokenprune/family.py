@@ -56,6 +56,11 @@ class Unit:
     grid: tuple[int, int]
     scores: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
     frames: int = 1          #: a whole video as one unit: ``frames`` grids, frame-major
+    #: positions of the unit's tokens inside the image's placeholder run (None: right after the
+    #: prefix and the previous units)
+    span_pos: torch.Tensor | None = None
+    #: share of the image's budget relative to the other units (e.g. crops it covers)
+    weight: float = 1.0
 
 
 @dataclass
@@ -65,9 +70,14 @@ class ImageLayout:
 
     prefix: int
     units: list[Unit]
+    #: placeholder positions always kept and not counted in the budget (LLaVA-NeXT newlines)
+    fixed: torch.Tensor | None = None
+    length: int | None = None   #: the run's length when units do not tile it (newlines)
 
     @property
     def n_tokens(self) -> int:
+        if self.length is not None:
+            return self.length
         return self.prefix + sum(u.rows.numel() for u in self.units)
 
 
@@ -106,6 +116,9 @@ class Family:
     pixel_keys: ClassVar[dict[str, str]] = {"image": "pixel_values"}
     #: True: select on the output of ``selection_module`` (Qwen merger), False: on its input
     select_on_output: ClassVar[bool] = False
+    #: True: keep the encoder's scores and select at the LLM input, in the placeholder layout
+    #: the model builds after the projector (see :meth:`lm_layouts`)
+    select_at_lm: ClassVar[bool] = False
     #: inner-LLM strategies must drop tokens at this decoder layer or later
     min_inner_layer: int = 1
     #: whether ``positions="compact"`` (renumbering kept tokens) is meaningful for this family
@@ -173,6 +186,18 @@ class Family:
         pre-computed encoder outputs)."""
         return [output[i] for i in range(output.shape[0])]
 
+
+    def lm_layouts(self, modality: str, spans: list[Any], embeds: torch.Tensor, raws: list[Any],
+                   per_frame: bool = True) -> list[ImageLayout]:
+        """Select-at-LLM families: one layout per placeholder run of ``modality`` whose units'
+        ``rows`` index ``embeds.reshape(-1, D)``; ``raws``: (scores, projector output) of the
+        encoder passes of that modality, in order."""
+        raise NotImplementedError
+
+    def structural(self, spans: list[Any], embeds: torch.Tensor) -> list[torch.Tensor]:
+        """Per placeholder run, positions that are layout rather than content (LLaVA-NeXT's newline
+        tokens): inner-LLM strategies keep them and do not count them in the budget."""
+        return [torch.zeros(0, dtype=torch.long) for _ in spans]
 
     # --- LLM input -----------------------------------------------------------------------------
     def placeholder_counts(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, list[int]] | None:
