@@ -23,6 +23,7 @@ class ModelPreset:
     text_tokens: int = 64              # prompt text around the image
     dtype: torch.dtype = torch.float32
     image: tuple[int, int] | None = None   # Qwen families: image size in patches (h, w)
+    anyres: tuple[int, int] | None = None  # LLaVA-NeXT / OneVision: image size in px (h, w)
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,25 @@ def _mid_qwen(kind: str):
     return make
 
 
+def _mid_anyres(kind: str):
+    def make():
+        from ..tiny import anyres_config
+
+        # 168 px crops of 12 x 12 patches (144 tokens per crop); pinpoints up to 2 x 2 crops
+        return anyres_config(kind, vision_layers=8, vision_hidden=256, vision_heads=8, llm_layers=8, llm_hidden=512,
+                             llm_heads=8, llm_kv_heads=8, vocab_size=1024, crop=168,
+                             pinpoints=[[168, 336], [336, 168], [336, 336]])
+    return make
+
+
+def _tiny_anyres(kind: str):
+    def make():
+        from ..tiny import anyres_config
+
+        return anyres_config(kind)
+    return make
+
+
 def _tiny_qwen(kind: str):
     def make():
         from ..tiny import qwen_config
@@ -80,11 +100,37 @@ def _tiny_qwen(kind: str):
     return make
 
 
+def llava_next_7b_config():
+    """LLaVA-NeXT-7B (vicuna): CLIP ViT-L/14-336 + Llama-2-7B, anyres up to 2 x 2 / 1 x 3 crops."""
+    from transformers import LlavaNextConfig
+
+    base = llava15_7b_config()
+    return LlavaNextConfig(vision_config=base.vision_config, text_config=base.text_config, image_token_id=32000,
+                           image_grid_pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
+                           vision_feature_layer=-2, vision_feature_select_strategy="default", pad_token_id=0)
+
+
+def qwen25_vl_7b_config():
+    """Qwen2.5-VL-7B: 32-block window-attention ViT (1280 wide) + Qwen2.5-7B (28 layers, 3584)."""
+    from transformers import Qwen2_5_VLConfig
+
+    vision = dict(depth=32, hidden_size=1280, out_hidden_size=3584, intermediate_size=3420, num_heads=16,
+                  patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                  fullatt_block_indexes=[7, 15, 23, 31], in_channels=3)
+    text = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                num_key_value_heads=4, vocab_size=152064, max_position_embeddings=32768, rms_norm_eps=1e-6,
+                rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]})
+    return Qwen2_5_VLConfig(vision_config=vision, text_config=text, image_token_id=151655, video_token_id=151656,
+                            vision_start_token_id=151652, vision_end_token_id=151653)
+
+
 PRESETS: dict[str, BenchPreset] = {
     "tiny": BenchPreset(
         models=(ModelPreset("llava-tiny", "llava", _tiny_llava, batches=(1, 2), budgets=(16, 4), text_tokens=8),
                 ModelPreset("qwen2.5-vl-tiny", "qwen2_5_vl", _tiny_qwen("qwen2_5_vl"), batches=(1,),
-                            budgets=(8,), text_tokens=8, image=(8, 12))),
+                            budgets=(8,), text_tokens=8, image=(8, 12)),
+                ModelPreset("llava-ov-tiny", "llava_onevision", _tiny_anyres("llava_onevision"), batches=(1,),
+                            budgets=(8,), text_tokens=8, anyres=(84, 112))),
         repeats=2, warmup=1, decode_tokens=3, capture_batch=2),
     "cpu": BenchPreset(
         models=(ModelPreset("llava-mid (576 tok)", "llava", _mid_llava, batches=(1, 4), budgets=(192, 64)),
@@ -93,13 +139,24 @@ PRESETS: dict[str, BenchPreset] = {
                             budgets=(85, 28), image=(32, 32)),
                 ModelPreset("qwen2.5-vl-mid (256 tok)", "qwen2_5_vl", _mid_qwen("qwen2_5_vl"), batches=(1, 4),
                             budgets=(85, 28), image=(32, 32)),
+                # anyres: a 336 x 252 px image -> base 144 + unpadded 2 x 2 canvas with newlines
+                ModelPreset("llava-next-mid (anyres)", "llava_next", _mid_anyres("llava_next"), batches=(1, 4),
+                            budgets=(120, 40), anyres=(252, 336)),
+                ModelPreset("llava-ov-mid (anyres)", "llava_onevision", _mid_anyres("llava_onevision"),
+                            batches=(1, 4), budgets=(120, 40), anyres=(252, 336)),
                 # Qwen3-VL: 16 px patches, 512 x 512 px -> 256 merged tokens
                 ModelPreset("qwen3-vl-mid (256 tok)", "qwen3_vl", _mid_qwen("qwen3_vl"), batches=(1, 4),
                             budgets=(85, 28), image=(32, 32))),
         repeats=5, warmup=1, decode_tokens=8, capture_batch=8),
     "gpu": BenchPreset(
         models=(ModelPreset("llava-1.5-7b", "llava", llava15_7b_config, batches=(1, 16),
-                            budgets=(192, 128, 64), dtype=torch.bfloat16),),
+                            budgets=(192, 128, 64), dtype=torch.bfloat16),
+                # 672 x 672 px: 5 crops -> 2,928 placeholders (576 base + 48 x 48 canvas + 48 newlines)
+                ModelPreset("llava-next-7b (anyres)", "llava_next", llava_next_7b_config, batches=(1,),
+                            budgets=(640, 320, 160), dtype=torch.bfloat16, anyres=(672, 672)),
+                # 1008 x 1008 px: 72 x 72 patches -> 1,296 tokens; 33 / 22 / 11 %
+                ModelPreset("qwen2.5-vl-7b (1008 px)", "qwen2_5_vl", qwen25_vl_7b_config, batches=(1,),
+                            budgets=(432, 288, 144), dtype=torch.bfloat16, image=(72, 72))),
         repeats=10, warmup=3, decode_tokens=16, capture_batch=8),
 }
 

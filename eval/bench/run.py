@@ -90,6 +90,20 @@ def _inputs(mp: ModelPreset, model: Any, family: Any, batch: int, device: str) -
         return {k: (v.to(device, mp.dtype) if v.is_floating_point() else v.to(device)) for k, v in inp.items()}
     n = family.tokens_per_image
     vocab = min(cfg.text_config.vocab_size, 1024)
+    if mp.anyres is not None:   # LLaVA-NeXT / OneVision: crops + image_sizes, count from the model's packing
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        size = cfg.vision_config.image_size
+        crops = image_size_to_num_patches(image_size=list(mp.anyres), grid_pinpoints=cfg.image_grid_pinpoints,
+                                          patch_size=size)
+        sizes = torch.tensor([list(mp.anyres)] * batch)
+        n = family._image_counts({"image_sizes": sizes[:1]})[0]
+        ids = prompt_ids(n, prefix=mp.text_tokens // 2, suffix=mp.text_tokens - mp.text_tokens // 2,
+                         image_token_id=family.image_token_id, vocab=vocab).repeat(batch, 1).to(device)
+        g = torch.Generator().manual_seed(1)
+        px = torch.randn(batch, crops, 3, size, size, generator=g).to(device, mp.dtype)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": px,
+                "image_sizes": sizes.to(device)}
     ids = prompt_ids(n, prefix=mp.text_tokens // 2, suffix=mp.text_tokens - mp.text_tokens // 2,
                      image_token_id=family.image_token_id, vocab=vocab).repeat(batch, 1)
     size = cfg.vision_config.image_size
@@ -122,7 +136,7 @@ def _kept_mask(ids: torch.Tensor, image_token_id: int, kept: list[list[torch.Ten
 
 
 def _vision_kwargs(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: inputs[k] for k in ("pixel_values", "image_grid_thw") if k in inputs}
+    return {k: inputs[k] for k in ("pixel_values", "image_grid_thw", "image_sizes") if k in inputs}
 
 
 class Bench:
@@ -307,12 +321,12 @@ class Bench:
         for mp in self.bp.models:
             model = build(mp, self.device)
             family = family_for(model)
-            eager = eager_copy(family.vision_tower) if mp.image is None else None
+            eager = eager_copy(family.vision_tower) if mp.image is None and mp.anyres is None else None
             for batch in mp.batches:
                 bar.set_postfix_str(f"{mp.name} bs={batch}")
                 self.model_batch(mp, model, family, batch, bar)
-            if mp.image is not None:   # Qwen: no official-style eager reference (its vision
-                continue               # attention never returns weights); see docs
+            if mp.image is not None or mp.anyres is not None:   # official-style reference: LLaVA-1.5
+                continue                   # only (Qwen's vision attention never returns weights)
             for batch in sorted(set(mp.batches) | ({self.bp.capture_batch} - {None})):
                 self.vision(mp, model, family, batch, eager)
             del model, eager
