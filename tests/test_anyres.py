@@ -194,14 +194,21 @@ def expected(handle, model, inp):
             else:
                 p = (g + 1) // 2
                 n_frames = (f.shape[0] - 1) // (p * p)
-                units = [(torch.arange(t * p * p, (t + 1) * p * p), (p, p), 1.0) for t in range(n_frames)]
-                unit_scores = [{k: v[t].reshape(p * p, *v.shape[2:]) for k, v in (maps[i] if maps else {}).items()}
-                               for t in range(n_frames)]
+                step = 1 if handle.spec.unit == "frame" else n_frames      # HoliTom: the whole video
+                units = [(torch.arange(t * p * p, (t + step) * p * p), (p, p), 1.0)
+                         for t in range(0, n_frames, step)]
+                unit_scores = [{k: v[t:t + step].reshape(step * p * p, *v.shape[2:])
+                                for k, v in (maps[i] if maps else {}).items()} for t in range(0, n_frames, step)]
             total = handle.config.tokens_for(sum(u[0].numel() for u in units))
             budgets = split_budget(total, [u[0].numel() for u in units], [u[2] for u in units])
             kept, merged = [torch.nonzero(nl).flatten()], {}
+            if modality == "image" and handle.spec.images == "keep":       # a video method: images whole
+                res.append((torch.arange(f.shape[0]), {}))
+                continue
             for (pos, grid, _), sc, n in zip(units, unit_scores, budgets):
-                sel = handle.spec.select(handle.config, VisualTokens(grid=grid, features=f[pos], scores=sc), n, info)
+                frames = pos.numel() // (grid[0] * grid[1])
+                sel = handle.spec.select(handle.config, VisualTokens(grid=grid, features=f[pos], scores=sc,
+                                                                     frames=frames), n, info)
                 kept.append(pos[sel.indices])
                 if sel.features is not None:
                     merged.update({int(pos[j]): sel.features[k] for k, j in enumerate(sel.indices)})
@@ -417,3 +424,22 @@ def test_load_from_a_saved_folder(base, tmp_path):
         g = m.generate(**inp, max_new_tokens=2, do_sample=False)
     assert g.shape[1] == inp["input_ids"].shape[1] + 2
     assert h.last_stats.visual_tokens_kept[0] < h.last_stats.visual_tokens_in[0]
+
+
+def test_holitom_outer_on_onevision_equals_reference_and_hand_fed(base):
+    """HoliTom w/o M on OneVision: the video's kept tokens and merged static features from eager
+    scores pooled by the model's own ``apply_pooling``; logits equal the hand-fed reference."""
+    kind, model, proc = base
+    if kind != "llava_onevision":
+        pytest.skip("video is OneVision's")
+    model = copy.deepcopy(model)
+    clean = copy.deepcopy(model)
+    inp = inputs(proc, kind, "image_and_video")
+    h = tokenprune.apply(model, "holitom", keep=0.25, inner_merge=False)
+    with torch.no_grad():
+        out = model(**inp).logits
+    runs = layouts(clean, inp)
+    exp = expected(h, clean, inp)
+    for got, (kept, _) in zip(h.last_stats.kept_indices[0], exp):
+        assert torch.equal(got, kept)
+    torch.testing.assert_close(out, hand_fed(clean, inp, runs, exp), atol=3e-5, rtol=1e-5)
