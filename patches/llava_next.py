@@ -78,6 +78,22 @@ class LlavaNextFamily(LlavaFamily):
     def _image_counts(self, kwargs: dict[str, Any]) -> list[int] | None:
         """Placeholders per image from ``image_sizes`` with the model's own packing (run on
         1-channel zeros): exact, also for images whose runs touch."""
+        flags = self.newline_flags(kwargs)
+        return None if flags is None else [int(f.numel()) for f in flags]
+
+    def run_layout(self, kwargs: dict[str, Any]) -> list[tuple[int, int, int]]:
+        """(base side, canvas rows, canvas cols) of every image of a processor output."""
+        out = []
+        for f in self.newline_flags(kwargs) or []:
+            g2 = self.side * self.side
+            rows = int(f[g2:].sum()) if f.numel() > g2 + 1 else 0
+            cols = (f.numel() - g2 - rows) // rows if rows else 0
+            out.append((self.side, rows, cols))
+        return out
+
+    def newline_flags(self, kwargs: dict[str, Any]) -> list[torch.Tensor] | None:
+        """Per image, True at the newline positions of its placeholder run (the model's own
+        packing of 1-channel zeros with a newline of one)."""
         sizes = kwargs.get("image_sizes")
         if sizes is None:
             return None
@@ -90,13 +106,13 @@ class LlavaNextFamily(LlavaFamily):
                                            patch_size=self.crop_px) if p else 1 for s, p in zip(sizes, patching)]
         g2 = self.side * self.side
         dummies = [torch.zeros(c, g2, 1) for c in crops]
-        newline = torch.zeros(1)
+        newline = torch.ones(1)
         if self.max_crops is None:
-            _, lens = self.outer.pack_image_features(dummies, sizes, "default", image_newline=newline)
+            packed, _ = self.outer.pack_image_features(dummies, sizes, "default", image_newline=newline)
         else:
-            _, lens = self.outer.pack_image_features(dummies, sizes, image_newline=newline,
-                                                     vision_aspect_ratio=self.model.config.vision_aspect_ratio)
-        return [int(x) for x in lens]
+            packed, _ = self.outer.pack_image_features(dummies, sizes, image_newline=newline,
+                                                       vision_aspect_ratio=self.model.config.vision_aspect_ratio)
+        return [p[:, 0] > 0.5 for p in packed]
 
     def _run_lengths(self, m: str, mask: torch.Tensor, ids: Any, embeds: Any, kwargs: dict[str, Any]) -> list[int]:
         """Placeholder tokens of each image / video, in order: from ``image_sizes`` when the call

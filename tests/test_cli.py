@@ -112,3 +112,68 @@ def test_run_on_a_saved_qwen_checkpoint(kind, tmp_path, capsys):
     assert report["visual_tokens_kept"] == round(0.25 * n) == len(report["kept_indices"][0])
     with Image.open(png) as im:
         assert im.format == "PNG" and im.size == (230, 150)
+
+
+@pytest.fixture(scope="module")
+def saved_models(tmp_path_factory):
+    """A tiny LLaVA-OneVision and a tiny Qwen2-VL saved with their real processors."""
+    from tokenprune.eval.tiny import build_anyres, build_anyres_processor, build_qwen, build_qwen_processor
+
+    root = tmp_path_factory.mktemp("models")
+    build_anyres("llava_onevision").save_pretrained(root / "ov")
+    build_anyres_processor("llava_onevision").save_pretrained(root / "ov")
+    build_qwen("qwen2_vl").save_pretrained(root / "qwen")
+    build_qwen_processor("qwen2_vl").save_pretrained(root / "qwen")
+    return root
+
+
+def _gif(path, frames=8, size=(80, 64)):
+    from PIL import Image
+
+    ims = [Image.new("RGB", size, (30 * i % 255, 90, 200 - 20 * i)) for i in range(frames)]
+    ims[0].save(path, save_all=True, append_images=ims[1:], duration=100)
+    return path
+
+
+def test_run_anyres_image_draws_base_and_canvas(saved_models, tmp_path, capsys):
+    from PIL import Image
+
+    img = tmp_path / "in.png"
+    Image.new("RGB", (112, 84), (200, 40, 40)).save(img)
+    png = tmp_path / "o.png"
+    assert main(["run", "--model", str(saved_models / "ov"), "--image", str(img), "--strategy", "hiprune",
+                 "--keep", "0.3", "--overlay", str(png), "--compact"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["visual_tokens_in"] == 70                  # 16 base + 6 x (8 + newline) for 112 x 84
+    assert report["visual_tokens_kept"] == round(0.3 * 64) + 6
+    with Image.open(png) as im:                              # two panels side by side
+        assert im.format == "PNG" and im.width >= 2 * im.height - 40
+
+
+@pytest.mark.parametrize("model", ["qwen", "ov"])
+def test_run_on_a_video(saved_models, model, tmp_path, capsys):
+    from PIL import Image
+
+    gif = _gif(tmp_path / "clip.gif")
+    png = tmp_path / "o.png"
+    assert main(["run", "--model", str(saved_models / model), "--video", str(gif), "--strategy", "holitom",
+                 "--keep", "0.25", "--overlay", str(png), "--compact"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    n = report["visual_tokens_in"]
+    # Qwen2-VL: 4 temporal patches of the processor's grid; OneVision: 8 pooled frames + 1 newline
+    content = n if model == "qwen" else n - 1
+    assert report["visual_tokens_kept"] == round(0.25 * content) + (n - content)
+    with Image.open(png) as im:
+        assert im.format == "PNG" and im.width > 256
+
+
+def test_video_errors_are_clear(saved_models, tmp_path):
+    gif = _gif(tmp_path / "clip.gif")
+    bad = tmp_path / "bad.gif"
+    bad.write_text("not a video")
+    for argv, msg in [(["run", "--video", str(gif)], "take no video input"),
+                      (["run", "--model", str(saved_models / "qwen"), "--video", str(bad)], "cannot read"),
+                      (["run", "--model", str(saved_models / "qwen"), "--video", str(tmp_path / "x.gif")], "not found")]:
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert msg in str(e.value)

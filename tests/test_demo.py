@@ -91,7 +91,7 @@ def test_gradio_client_calls_the_endpoint(server):
     client = _client(server)
     assert "/compare" in client.view_api(return_format="dict")["named_endpoints"]
     full, pruned, overlay, tokens, timing, msg = client.predict(
-        handle_file(str(DEFAULT_IMAGE)), QUESTION, "visionzip", 0.3, "", api_name="/compare")
+        handle_file(str(DEFAULT_IMAGE)), QUESTION, "visionzip", 0.3, "", None, api_name="/compare")
     assert (full, pruned, msg) == ("blue", "blue", "") and tokens.startswith("77 / 256")
     with Image.open(overlay) as im:
         assert im.format == "PNG" and im.size == (224, 224)
@@ -105,7 +105,8 @@ def test_two_concurrent_users_get_what_each_gets_alone(server):
     jobs = [("random", 0.05), ("fopru", 0.5)]
 
     def call(job):
-        return client.predict(handle_file(str(DEFAULT_IMAGE)), QUESTION, job[0], job[1], "", api_name="/compare")
+        return client.predict(handle_file(str(DEFAULT_IMAGE)), QUESTION, job[0], job[1], "", None,
+                              api_name="/compare")
     alone = [call(j) for j in jobs]
     with ThreadPoolExecutor(2) as ex:
         together = list(ex.map(call, jobs))
@@ -157,3 +158,25 @@ def test_browser_upload_slider_strategy_submit(server, tmp_path):
         page.screenshot(path=str(Path(tmp_path) / "demo.png"), full_page=True)
         ctx.close()
     assert external == []
+
+
+def test_endpoint_on_a_video_model(tmp_path):
+    """The same endpoint with a video upload on a tiny Qwen2-VL (saved with its real processor):
+    both answers, counts and a frames overlay; the embedded image-only model says it takes no video."""
+    from PIL import Image
+
+    from tokenprune.eval.tiny import build_qwen, build_qwen_processor
+
+    build_qwen("qwen2_vl").save_pretrained(tmp_path / "m")
+    build_qwen_processor("qwen2_vl").save_pretrained(tmp_path / "m")
+    frames = [Image.new("RGB", (80, 64), (30 * i, 90, 200 - 20 * i)) for i in range(8)]
+    gif = tmp_path / "clip.gif"
+    frames[0].save(gif, save_all=True, append_images=frames[1:], duration=100)
+    runner = Runner(str(tmp_path / "m"))
+    full, pruned, overlay, tokens, timing, msg = compare(runner, None, "what is this", "hiprune", 0.25, "", str(gif))
+    assert msg == "" and isinstance(full, str) and isinstance(pruned, str)   # a random model may say nothing
+    assert overlay is not None and overlay.width > 256
+    n = int(tokens.split("/")[1].split()[0])
+    assert tokens.startswith(f"{round(0.25 * n)} / {n}")
+    out = compare(Runner(), None, QUESTION, "hiprune", 0.25, "", str(gif))
+    assert out[:5] == ("", "", None, "", "") and "no video" in out[5]

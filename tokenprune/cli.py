@@ -61,12 +61,15 @@ def _runner(a: argparse.Namespace):
 
 
 def cmd_run(a: argparse.Namespace) -> int:
-    from tokenprune.runner import open_image
+    from tokenprune.runner import open_image, open_video
 
     strategy = None if a.strategy == "none" else a.strategy
     params = _budget(a) if strategy else {}
     runner = _runner(a)
-    res = runner.run(open_image(a.image or DEFAULT_IMAGE), a.prompt, strategy, a.max_new_tokens, **params)
+    if a.video:
+        res = runner.run(None, a.prompt, strategy, a.max_new_tokens, video=open_video(a.video), **params)
+    else:
+        res = runner.run(open_image(a.image or DEFAULT_IMAGE), a.prompt, strategy, a.max_new_tokens, **params)
     report = {"model": runner.name, **res.as_dict()}
     if a.overlay:
         res.overlay.save(a.overlay)  # type: ignore[union-attr]
@@ -136,9 +139,11 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(prog="tokenprune", description="visual-token pruning for HF VLMs")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    r = sub.add_parser("run", help="answer a question about one image with a strategy applied")
+    r = sub.add_parser("run", help="answer a question about one image (or video) with a strategy applied")
     _model_args(r)
     _input_args(r)
+    r.add_argument("--video", help="a video instead of the image: .gif/.webp/.npy, or .mp4 etc. with decord/av "
+                                   "(video models: LLaVA-OneVision, Qwen-VL)")
     r.add_argument("--strategy", default="hiprune", help="strategy name ('none' for no pruning)")
     r.add_argument("--overlay", default="tokenprune_overlay.png", help="PNG of the kept tokens ('' to skip)")
     r.add_argument("--compact", action="store_true", help="one-line JSON")

@@ -37,18 +37,24 @@ def parse_params(text: str) -> dict[str, Any]:
     return out
 
 
-def compare(runner: Runner, image: Any, question: str, strategy: str, keep: float, params: str):
+def compare(runner: Runner, image: Any, question: str, strategy: str, keep: float, params: str,
+            video: Any = None):
     """The app's one endpoint. Returns (unpruned answer, pruned answer, overlay, tokens, timing,
-    message); on bad input every output but the message is empty."""
+    message); on bad input every output but the message is empty. ``video``: a file path (the
+    upload), used instead of the image when given."""
+    from .runner import open_video
+
     empty = ("", "", None, "", "")
     try:
-        if image is None:
-            raise ValueError("upload an image first")
+        frames = open_video(video) if video else None
+        if image is None and frames is None:
+            raise ValueError("upload an image (or a video) first")
         kw = parse_params(params)
         if "budget" not in kw:          # a budget typed in the parameters wins over the slider
             kw.setdefault("keep", float(keep))
-        full = runner.run(image, question, None)
-        pruned = runner.run(image, question, strategy, **kw)
+        source = None if frames is not None else image
+        full = runner.run(source, question, None, video=frames)
+        pruned = runner.run(source, question, strategy, video=frames, **kw)
     except (TokenPruneError, ValueError) as e:
         return (*empty, f"**Error:** {e}")
     except Exception as e:  # never a traceback page: say what failed
@@ -75,6 +81,9 @@ def build(runner: Runner):
         with gr.Row():
             with gr.Column():
                 image = gr.Image(type="pil", label="image", elem_id="image")
+                video = gr.File(label="or a video (.gif, .webp, .npy, .mp4) — video models only",
+                                file_types=[".gif", ".webp", ".npy", ".mp4", ".avi", ".mov", ".mkv"],
+                                type="filepath", elem_id="video")
                 question = gr.Textbox(label="question", value="what color is the cross", elem_id="question")
                 strategy = gr.Dropdown(strategies_for(runner.model), value="hiprune", label="strategy", elem_id="strategy")
                 keep = gr.Slider(0.02, 1.0, value=0.25, step=0.01, label="keep (fraction of visual tokens)",
@@ -91,7 +100,7 @@ def build(runner: Runner):
                 message = gr.Markdown(elem_id="message")
         if examples:
             gr.Examples(examples, [image, question])
-        submit.click(lambda *a: compare(runner, *a), [image, question, strategy, keep, params],
+        submit.click(lambda *a: compare(runner, *a), [image, question, strategy, keep, params, video],
                      [full, pruned, overlay, tokens, timing, message], api_name="compare")
     return app
 

@@ -15,7 +15,7 @@ from PIL import Image
 
 from . import api
 from .errors import ConfigError, TokenPruneError
-from .visualize import overlay, token_boxes
+from .visualize import anyres_overlay, merged_patch_boxes, overlay, token_boxes, uniform_boxes, video_overlay
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DEFAULT_MODEL = ASSETS / "tiny-llava-vqa"
@@ -44,9 +44,10 @@ class RunResult:
                 "flops_ratio": round(self.flops_ratio, 3), "kept_indices": [t.tolist() for t in self.kept_indices]}
 
 
-def user_prompt(processor: Any, text: str, n_images: int = 1) -> str:
-    """The chat-template text of one user turn: ``n_images`` images, then ``text``."""
-    content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": text}]
+def user_prompt(processor: Any, text: str, n_images: int = 1, n_videos: int = 0) -> str:
+    """The chat-template text of one user turn: ``n_images`` images, ``n_videos`` videos, then ``text``."""
+    content = ([{"type": "image"} for _ in range(n_images)] + [{"type": "video"} for _ in range(n_videos)]
+               + [{"type": "text", "text": text}])
     return processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
                                          add_generation_prompt=True)
 
@@ -65,6 +66,50 @@ def open_image(path: str | Path) -> Image.Image:
         raise ConfigError(f"image file not found: {path}") from None
     except Exception as e:  # PIL raises several types for undecodable files
         raise ConfigError(f"cannot read {path} as an image ({type(e).__name__}: {e})") from None
+
+
+VIDEO_FRAMES = 8
+
+
+def open_video(path: str | Path, frames: int = VIDEO_FRAMES) -> Any:
+    """Frames of a video file as a (T, H, W, 3) uint8 array, ``frames`` sampled evenly: .npy, animated
+    GIF / WebP / PNG (Pillow), or any format decord or PyAV can read; a ConfigError otherwise."""
+    import numpy as np
+
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"video file not found: {path}")
+    arr = None
+    try:
+        if p.suffix.lower() == ".npy":
+            arr = np.load(p)
+        elif p.suffix.lower() in (".gif", ".webp", ".png", ".apng"):
+            from PIL import ImageSequence
+
+            with Image.open(p) as im:
+                arr = np.stack([np.asarray(f.convert("RGB")) for f in ImageSequence.Iterator(im)])
+        else:
+            try:
+                import decord
+
+                vr = decord.VideoReader(str(p))
+                arr = vr.get_batch(list(range(len(vr)))).asnumpy()
+            except ImportError:
+                try:
+                    import av
+                except ImportError:
+                    raise ConfigError(f"reading {p.suffix} videos needs decord or av (pip install decord); "
+                                      "or pass a .gif / .webp / .npy") from None
+                with av.open(str(p)) as c:
+                    arr = np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+    except ConfigError:
+        raise
+    except Exception as e:
+        raise ConfigError(f"cannot read {path} as a video ({type(e).__name__}: {e})") from None
+    if arr.ndim != 4 or arr.shape[-1] != 3 or arr.shape[0] < 1:
+        raise ConfigError(f"{path}: expected frames of shape (T, H, W, 3), got {tuple(arr.shape)}")
+    idx = np.linspace(0, arr.shape[0] - 1, num=min(frames, arr.shape[0])).round().astype(int)
+    return arr[idx].astype(np.uint8)
 
 
 class Runner:
@@ -87,18 +132,29 @@ class Runner:
         self.family = api.family_for(self.model)
         self._lock = threading.Lock()
 
-    def inputs(self, image: Image.Image, question: str) -> dict[str, torch.Tensor]:
-        enc = self.processor(images=image, text=user_prompt(self.processor, question), return_tensors="pt")
+    def inputs(self, image: Image.Image | None, question: str, video: Any = None) -> dict[str, torch.Tensor]:
+        if video is None:
+            enc = self.processor(images=image, text=user_prompt(self.processor, question), return_tensors="pt")
+            return to_model(enc, self.model, self.device)
+        if "video" not in self.family.provides:
+            raise ConfigError(f"{self.family.name} models take no video input; use a LLaVA-OneVision or "
+                              "Qwen-VL checkpoint")
+        kw: dict[str, Any] = {}
+        if self.family.name == "qwen3_vl":   # its processor places timestamps: say the sampling rate
+            kw["videos_kwargs"] = {"video_metadata": [{"fps": 2.0, "total_num_frames": int(video.shape[0])}]}
+        enc = self.processor(videos=[video], text=user_prompt(self.processor, question, 0, 1), return_tensors="pt",
+                             **kw)
         return to_model(enc, self.model, self.device)
 
     @torch.no_grad()
-    def run(self, image: Image.Image, question: str, strategy: str | None = None, max_new_tokens: int = 8,
-            **params: Any) -> RunResult:
-        if image is None:
+    def run(self, image: Image.Image | None, question: str, strategy: str | None = None, max_new_tokens: int = 8,
+            video: Any = None, **params: Any) -> RunResult:
+        """Answer ``question`` about ``image`` (PIL) or ``video`` ((T, H, W, 3) uint8 frames)."""
+        if image is None and video is None:
             raise ConfigError("no image given")
         if not question or not question.strip():
             raise ConfigError("no question given")
-        inputs = self.inputs(image, question)
+        inputs = self.inputs(image, question, video)
         with self._lock:
             handle = api.apply(self.model, strategy, **params) if strategy else None
             try:
@@ -123,11 +179,16 @@ class Runner:
             res.prune_ms, res.flops_ratio = stats.prune_ms, stats.flops_after / stats.flops_before
             res.kept_indices = list(stats.kept_indices[0])
             res.merge_groups = list(stats.merge_groups[0]) if stats.merge_groups else [None] * len(res.kept_indices)
-        res.overlay = self.overlay(image, res, inputs)
+        res.overlay = self.overlay(image, res, inputs) if video is None else self.video_overlay(video, res, inputs)
         return res
 
     def overlay(self, image: Image.Image, res: RunResult, inputs: dict[str, torch.Tensor] | None = None) -> Image.Image:
         """Kept tokens of the (first) image on the original image."""
+        if hasattr(self.family, "run_layout") and inputs is not None:      # anyres: base + canvas panels
+            side, rows, cols = self.family.run_layout({k: v.cpu() for k, v in inputs.items()})[0]
+            n = side * side + rows * (cols + 1) if rows else side * side + 1
+            kept = res.kept_indices[0] if res.kept_indices else torch.arange(n)
+            return anyres_overlay(image, kept, side, rows, cols, res.merge_groups[0] if res.merge_groups else None)
         boxes = token_boxes(self.family.name, image.size, self.processor.image_processor,
                             self.family.vision_info.grid, inputs)
         if not res.kept_indices:                       # unpruned: everything kept
@@ -136,3 +197,21 @@ class Runner:
         kept = res.kept_indices[0]
         kept = kept[kept >= p] - p                     # grid tokens only (a kept CLS has no box)
         return overlay(image, kept, boxes, res.merge_groups[0] if res.merge_groups else None)
+
+    def video_overlay(self, video: Any, res: RunResult, inputs: dict[str, torch.Tensor]) -> Image.Image:
+        """Kept tokens of the video on its frames (one panel per token frame)."""
+        frames = [Image.fromarray(f) for f in video]
+        size = frames[0].size
+        if self.family.name.startswith("qwen"):
+            _, gh, gw = (int(x) for x in inputs["video_grid_thw"][0].tolist())
+            vp = self.processor.video_processor
+            patch, merge = int(vp.patch_size), int(vp.merge_size)
+            per_frame, step = (gh // merge) * (gw // merge), int(getattr(vp, "temporal_patch_size", 2))
+            boxes = merged_patch_boxes(size, (gh * patch, gw * patch), patch, merge)
+        else:                                       # OneVision: pooled grid per frame, newline last
+            g = -(-self.family.side // 2)
+            per_frame, step = g * g, 1
+            boxes = uniform_boxes(size, g, g)
+        n_tok = res.tokens_in
+        kept = res.kept_indices[0] if res.kept_indices else torch.arange(n_tok)
+        return video_overlay(frames[: (n_tok // per_frame) * step], kept, per_frame, boxes, step)

@@ -79,6 +79,8 @@ def token_boxes(family: str, image_size: tuple[int, int], image_processor: Any, 
 
     LLaVA-1.5: the fixed ``grid`` after the processor's resize/crop. Qwen: the resized size from
     ``inputs["image_grid_thw"]`` (patches) and the processor's patch / merge sizes."""
+    if family.startswith("llava_"):
+        raise ValueError("LLaVA-NeXT / OneVision runs are drawn with anyres_overlay (two panels)")
     if family.startswith("qwen"):
         if inputs is None or inputs.get("image_grid_thw") is None:
             raise ValueError("Qwen token boxes need the processor's image_grid_thw")
@@ -86,6 +88,38 @@ def token_boxes(family: str, image_size: tuple[int, int], image_processor: Any, 
         patch, merge = int(image_processor.patch_size), int(image_processor.merge_size)
         return merged_patch_boxes(image_size, (gh * patch, gw * patch), patch, merge)
     return llava_boxes(image_size, grid, image_processor)
+
+
+def uniform_boxes(image_size: tuple[int, int], rows: int, cols: int) -> torch.Tensor:
+    """Boxes [rows*cols, 4] of a grid that tiles the whole image (raster order)."""
+    w0, h0 = image_size
+    xs = torch.arange(cols + 1, dtype=torch.float32) * w0 / cols
+    ys = torch.arange(rows + 1, dtype=torch.float32) * h0 / rows
+    x0, x1 = xs[:-1][None].expand(rows, cols), xs[1:][None].expand(rows, cols)
+    y0, y1 = ys[:-1][:, None].expand(rows, cols), ys[1:][:, None].expand(rows, cols)
+    return torch.stack([x0, y0, x1, y1], dim=-1).reshape(-1, 4)
+
+
+def anyres_overlay(image: Image.Image, kept: torch.Tensor, side: int, rows: int, cols: int,
+                   groups: torch.Tensor | None = None) -> Image.Image:
+    """LLaVA-NeXT / OneVision: kept tokens of one image's placeholder run (positions in the run:
+    ``side``² base-crop tokens, then ``rows`` x (``cols`` + newline)) drawn as two panels in
+    original-image coordinates — the base crop's grid and the high-resolution canvas (which tiles
+    the image after unpadding)."""
+    kept = torch.as_tensor(kept).long()
+    g2 = side * side
+    base_kept = kept[kept < g2]
+    panels = [overlay(image, base_kept, uniform_boxes(image.size, side, side),
+                      None if groups is None else groups[:g2])]
+    titles = [f"base crop ({side}x{side})"]
+    if rows and cols:
+        rest = kept[kept >= g2] - g2
+        canvas_kept = (rest // (cols + 1)) * cols + rest % (cols + 1)
+        canvas_kept = canvas_kept[rest % (cols + 1) < cols]              # newline tokens have no box
+        panels.append(overlay(image, canvas_kept, uniform_boxes(image.size, rows, cols),
+                              None if groups is None else groups[g2:]))
+        titles.append(f"high-res canvas ({rows}x{cols})")
+    return grid(panels, titles, cols=len(panels), cell=max(256, max(image.size)))
 
 
 def _palette(n: int) -> list[tuple[int, int, int]]:
@@ -152,6 +186,21 @@ def grid(images: Sequence[Image.Image], titles: Sequence[str] | None = None, col
 
 
 def frames_overlay(frames: Sequence[Image.Image], kept: Sequence[torch.Tensor], boxes: torch.Tensor,
-                   cols: int = 4) -> Image.Image:
+                   cols: int = 4, titles: Sequence[str] | None = None) -> Image.Image:
     """A video as a grid of frames, each with its own kept tokens (same token geometry per frame)."""
-    return grid([overlay(f, k, boxes) for f, k in zip(frames, kept)], [f"frame {i}" for i in range(len(frames))], cols)
+    return grid([overlay(f, k, boxes) for f, k in zip(frames, kept)],
+                list(titles) if titles is not None else [f"frame {i}" for i in range(len(frames))], cols)
+
+
+def video_overlay(frames: Sequence[Image.Image], kept: torch.Tensor, per_frame: int, boxes: torch.Tensor,
+                  frame_step: int = 1) -> Image.Image:
+    """Kept tokens of one video's placeholder run (frame-major, ``per_frame`` tokens per token
+    frame; a trailing newline has none) on the frames that token frame ``t`` stands for
+    (``frames[t * frame_step]``: Qwen merges 2 frames per temporal patch)."""
+    kept = torch.as_tensor(kept).long()
+    n = len(frames) // frame_step
+    per = [kept[(kept // per_frame) == t] % per_frame for t in range(n)]
+    shown = [frames[t * frame_step] for t in range(n)]
+    titles = [f"frames {t * frame_step}-{t * frame_step + frame_step - 1}" if frame_step > 1 else f"frame {t}"
+              for t in range(n)]
+    return frames_overlay(shown, per, boxes, titles=titles)
