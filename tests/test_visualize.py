@@ -54,3 +54,39 @@ def test_grids_of_frames_and_panels():
     sheet = frames_overlay(frames, [torch.tensor([i % 2]) for i in range(5)], boxes, cols=3)
     assert sheet.size == (3 * 256, 2 * (256 + 16))
     assert grid(frames[:2]).size == (512, 256)
+
+
+def test_uniform_boxes_tile_the_image():
+    from tokenprune.visualize import uniform_boxes
+
+    b = uniform_boxes((100, 60), 3, 4)
+    assert b.shape == (12, 4)
+    assert torch.allclose(b[0], torch.tensor([0.0, 0.0, 25.0, 20.0])) and torch.allclose(b[-1], torch.tensor([75.0, 40.0, 100.0, 60.0]))
+
+
+def test_anyres_overlay_maps_run_positions_to_base_and_canvas():
+    """Run positions: 4 base tokens (2x2), then 2 rows x (3 + newline). Kept: base 0, canvas (0,1), (1,2)
+    and both newlines -> the base panel shows one bright cell, the canvas panel two."""
+    from PIL import Image
+
+    from tokenprune.visualize import anyres_overlay
+
+    img = Image.new("RGB", (120, 80), (200, 200, 200))
+    kept = torch.tensor([0, 4 + 1, 4 + 3, 4 + 4 + 2, 4 + 7])
+    sheet = anyres_overlay(img, kept, side=2, rows=2, cols=3)
+    assert sheet.width >= 2 * 256
+    cell = max(256, 120)
+    base, canvas = sheet.crop((0, 16, cell, 16 + cell)), sheet.crop((cell, 16, 2 * cell, 16 + cell))
+    bright = lambda im: sum(1 for p in im.convert("L").getdata() if p > 150)  # noqa: E731
+    assert 0 < bright(base) and 0 < bright(canvas)
+
+
+def test_video_overlay_one_panel_per_token_frame():
+    from PIL import Image
+
+    from tokenprune.visualize import uniform_boxes, video_overlay
+
+    frames = [Image.new("RGB", (64, 64), (100, 100, 100)) for _ in range(8)]
+    sheet = video_overlay(frames, torch.tensor([0, 5, 17, 30]), per_frame=4, boxes=uniform_boxes((64, 64), 2, 2),
+                          frame_step=2)
+    assert sheet.width == 4 * 256              # 8 frames / 2 per temporal patch = 4 panels in a row
