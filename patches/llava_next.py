@@ -271,17 +271,10 @@ class LlavaOnevisionFamily(LlavaNextFamily):
 
     def placeholder_masks(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, torch.Tensor]:
         out = super().placeholder_masks(args, kwargs)
-        ids = self.input_ids(args, kwargs)
-        if ids is not None:
-            out["video"] = ids == self.video_token_id
-        elif kwargs.get("inputs_embeds") is not None:
-            e = kwargs["inputs_embeds"]
-            emb = self.outer.get_input_embeddings()(torch.tensor(self.video_token_id, device=e.device))
-            out["video"] = (e == emb).all(-1)
+        video = self.token_mask(args, kwargs, self.video_token_id)
+        if video is not None:
+            out["video"] = video
         return out
-
-    def vision_segments(self, args: tuple, kwargs: dict[str, Any], counts: dict[str, list[int]]) -> list[int]:
-        return super().vision_segments(args, kwargs, counts)
 
     def _video_layouts(self, spans, embeds, scores, feats, per_frame):
         """A video run: frames x (pooled g x g) tokens, then one newline."""

@@ -197,16 +197,9 @@ class QwenVLFamily(Family):
         return out
 
     def placeholder_masks(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, torch.Tensor]:
-        ids = self.input_ids(args, kwargs)
-        out: dict[str, torch.Tensor] = {}
-        for m, tid in (("image", self.image_token_id), ("video", self.video_token_id)):
-            if ids is not None:
-                out[m] = ids == tid
-            elif kwargs.get("inputs_embeds") is not None:
-                e = kwargs["inputs_embeds"]
-                emb = self.outer.get_input_embeddings()(torch.tensor(tid, device=e.device))
-                out[m] = (e == emb).all(-1)
-        return out
+        masks = {m: self.token_mask(args, kwargs, tid)
+                 for m, tid in (("image", self.image_token_id), ("video", self.video_token_id))}
+        return {m: v for m, v in masks.items() if v is not None}
 
     def vision_segments(self, args: tuple, kwargs: dict[str, Any], counts: dict[str, list[int]]) -> list[int]:
         segs: list[int] = []

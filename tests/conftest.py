@@ -40,6 +40,12 @@ def batch(specs: list[tuple[int, int]]):
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": px}, [single(n, s) for n, s in specs]
 
 
+def hook_snapshot(model):
+    """Hook counts and attribute names of every module: what remove() must restore exactly."""
+    return {name: (len(m._forward_hooks), len(m._forward_pre_hooks), sorted(vars(m)))
+            for name, m in model.named_modules()}
+
+
 def layer_out(x):
     return x[0] if isinstance(x, tuple) else x
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import tokenprune
+from conftest import hook_snapshot
 from tokenprune.eval.tiny import (ANYRES_IDS, ANYRES_KINDS, anyres_inputs, build_anyres, build_anyres_processor,
                                   random_image, random_video)
 
@@ -237,11 +238,6 @@ def hand_fed(clean, inp, runs, exp):
         return clean(**inp).logits
     finally:
         h.remove()
-
-
-def hook_snapshot(model):
-    return {name: (len(m._forward_hooks), len(m._forward_pre_hooks), sorted(vars(m)))
-            for name, m in model.named_modules()}
 
 
 # ----------------------------------------------------------------------------------------------

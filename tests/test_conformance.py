@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import tokenprune
-from conftest import (N_TOK, batch, eager_vision, expected_selections, manual_logits, pixels,  # noqa: F401
+from conftest import (N_TOK, batch, eager_vision, expected_selections, hook_snapshot, manual_logits, pixels,  # noqa: F401
                       reference_embeds, single)
 
 STRATEGIES = [s for s in tokenprune.list_strategies()   # LLaVA-1.5 has no video: not HoliTom's outer stage
@@ -25,11 +25,6 @@ def keep_mask(input_ids_row: torch.Tensor, kept: list[torch.Tensor], image_token
     keep = ~vis.clone()
     keep[vis] = torch.cat([torch.zeros(N_TOK, dtype=torch.bool).index_fill_(0, k, True) for k in kept])
     return keep
-
-
-def hook_snapshot(model):
-    return {name: (len(m._forward_hooks), len(m._forward_pre_hooks), sorted(vars(m)))
-            for name, m in model.named_modules()}
 
 
 @pytest.mark.parametrize("name,params", CASES, ids=IDS)

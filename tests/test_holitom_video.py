@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import tokenprune
-from test_qwen import hand_fed, hook_snapshot, recorded_vision, row_map, spans, visual_mask
+from conftest import hook_snapshot
+from test_qwen import hand_fed, recorded_vision, row_map, spans, visual_mask
 from tokenprune.eval.tiny import QWEN_KINDS, build_qwen, qwen_batch, qwen_inputs
 from tokenprune.strategies.holitom import holitom_in_place, merge_into_kept
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import tokenprune
+from conftest import hook_snapshot
 from tokenprune.eval.tiny import QWEN_IDS, QWEN_KINDS, build_qwen, qwen_batch, qwen_inputs
 
 STRATEGIES = [s for s in tokenprune.list_strategies() if s != "holitom"]   # HoliTom: test_holitom_video.py
@@ -173,11 +174,6 @@ def hand_fed(clean, inp, keeps, feats=None):
         return clean(**inp).logits
     finally:
         h.remove()
-
-
-def hook_snapshot(model):
-    return {name: (len(m._forward_hooks), len(m._forward_pre_hooks), sorted(vars(m)))
-            for name, m in model.named_modules()}
 
 
 # ----------------------------------------------------------------------------------------------

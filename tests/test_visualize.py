@@ -61,7 +61,8 @@ def test_uniform_boxes_tile_the_image():
 
     b = uniform_boxes((100, 60), 3, 4)
     assert b.shape == (12, 4)
-    assert torch.allclose(b[0], torch.tensor([0.0, 0.0, 25.0, 20.0])) and torch.allclose(b[-1], torch.tensor([75.0, 40.0, 100.0, 60.0]))
+    assert torch.allclose(b[0], torch.tensor([0.0, 0.0, 25.0, 20.0]))
+    assert torch.allclose(b[-1], torch.tensor([75.0, 40.0, 100.0, 60.0]))
 
 
 def test_anyres_overlay_maps_run_positions_to_base_and_canvas():

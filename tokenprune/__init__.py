@@ -40,6 +40,7 @@ __all__ = [
     "apply", "remove", "load", "get_handle", "list_strategies", "strategies_for", "list_families",
     "register_strategy", "register_family", "PruneHandle", "PruneStats", "PruneConfig", "Family",
     "StrategySpec", "HiPruneConfig", "FoPruConfig", "VisionZipConfig", "FastVConfig", "RandomConfig",
-    "PoolConfig", "HoliTomConfig", "HoliTomInnerConfig", "TokenPruneError", "UnsupportedModelError", "ConfigError", "AlreadyAppliedError",
+    "PoolConfig", "HoliTomConfig", "HoliTomInnerConfig",
+    "TokenPruneError", "UnsupportedModelError", "ConfigError", "AlreadyAppliedError",
     "IncompatibleStrategyError", "UnsupportedCallError",
 ]

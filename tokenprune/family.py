@@ -230,14 +230,18 @@ class Family:
 
     def visual_mask(self, args: tuple, kwargs: dict[str, Any]) -> torch.Tensor | None:
         """[B, L] bool: placeholder positions of image tokens in a call of ``outer``."""
+        return self.token_mask(args, kwargs, self.image_token_id)
+
+    def token_mask(self, args: tuple, kwargs: dict[str, Any], token_id: int) -> torch.Tensor | None:
+        """[B, L] bool: where a call of ``outer`` has ``token_id`` (from ``input_ids``, or by
+        comparing ``inputs_embeds`` with that token's embedding)."""
         ids = self.input_ids(args, kwargs)
         if ids is not None:
-            return ids == self.image_token_id
+            return ids == token_id
         embeds = kwargs.get("inputs_embeds")
         if embeds is None:
             return None
-        emb = self.outer.get_input_embeddings()(
-            torch.tensor(self.image_token_id, device=embeds.device))
+        emb = self.outer.get_input_embeddings()(torch.tensor(token_id, device=embeds.device))
         return (embeds == emb).all(-1)
 
     def vision_dims(self) -> tuple[LayerDims, int, int]:
