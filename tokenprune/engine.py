@@ -2,6 +2,11 @@
 the LLM's inputs (prefill and every decode step) and, for inner-LLM strategies, every later
 decoder layer's hidden states, rotary cos/sin, position ids and masks.
 
+Where selection happens is the family's choice: on the projector input (LLaVA-1.5), on the merger
+output (Qwen), or at the LLM input in the packed placeholder layout (LLaVA-NeXT / OneVision,
+``select_at_lm``); the budget of every image is split over its selection units (frame groups,
+base crop and canvas). A vision-stage strategy may be stacked with an inner-LLM one.
+
 Per-call state lives in a ``ContextVar`` (one per handle), so two threads calling the same
 patched model never see each other's tensors. State that must outlive one forward call (what
 was kept at prefill, needed by every decode step) is keyed by the KV-cache object of that
@@ -478,13 +483,23 @@ class PruneHandle:
         t0 = time.perf_counter()
         flat, layouts = self.family.vision_layout(x, state.scores, state.meta, per_frame=self.vspec.unit == "frame")
         state.scores.clear()
+        state.images, merged = self._select_layouts(flat, layouts)
+        state.layouts = layouts
+        state.seconds += time.perf_counter() - t0
+        return None if merged is None else self.family.vision_restore(merged, x, state.meta)
+
+    def _select_layouts(self, flat: torch.Tensor, layouts: list[ImageLayout]
+                        ) -> tuple[list[ImageSel], torch.Tensor | None]:
+        """Budget every image over its units, select in every unit, write merged features into a
+        copy of ``flat`` [R, D] (None when no strategy merged); one ImageSel per layout."""
         units: list[tuple[Unit, int]] = []
         for lay in layouts:
-            total = self.vconfig.tokens_for(lay.n_tokens) - lay.prefix
+            sizes = [u.rows.numel() for u in lay.units]
+            # a kept prefix (CLS) counts in the budget; layout tokens (newlines) do not
+            total = self.vconfig.tokens_for(lay.prefix + sum(sizes)) - lay.prefix
             if total < 1:
                 raise ConfigError(f"the budget must leave at least one visual token after the {lay.prefix} "
-                                  f"prefix token(s); got {total + lay.prefix} of {lay.n_tokens}")
-            sizes = [u.rows.numel() for u in lay.units]
+                                  f"prefix token(s); got {total + lay.prefix} of {lay.prefix + sum(sizes)}")
             units.extend(zip(lay.units, split_budget(total, sizes, [u.weight for u in lay.units])))
         sels = self._select_units(flat, units)
         merged = None
@@ -496,12 +511,8 @@ class PruneHandle:
                 if merged is None:
                     merged = flat.clone()
                 merged[u.rows[sel.indices.to(u.rows.device)]] = sel.features.to(flat.device, flat.dtype)
-        state.images, state.layouts = [], layouts
         it = iter(sels)
-        for lay in layouts:
-            state.images.append(self._image_sel(lay, [next(it) for _ in lay.units]))
-        state.seconds += time.perf_counter() - t0
-        return None if merged is None else self.family.vision_restore(merged, x, state.meta)
+        return [self._image_sel(lay, [next(it) for _ in lay.units]) for lay in layouts], merged
 
     def _select_units(self, flat: torch.Tensor, units: list[tuple[Unit, int]]) -> list[Selection]:
         """One strategy call per unit, or one batched call per group of same-shaped units."""
@@ -573,7 +584,8 @@ class PruneHandle:
                 raws[m] = [e.raw]
                 state.seconds += e.seconds
         given = [m for m in fam.pixel_keys if m in state.given]
-        earlier = [e for e in encoded if e.seq <= state.encoded_mark and e.raw is not None][-len(given):] if given else []
+        earlier = [e for e in encoded if e.seq <= state.encoded_mark and e.raw is not None]
+        earlier = earlier[-len(given):] if given else []
         if len(earlier) != len(given):
             raise UnsupportedCallError(
                 "pre-computed image features (mm_encoder_outputs) were not produced by this patched model; "
@@ -582,10 +594,7 @@ class PruneHandle:
             raws[m] = [e.raw]
             state.seconds += e.seconds
         b, length, d = embeds.shape
-        flat = embeds.reshape(b * length, d)
         per_frame = self.vspec.unit == "frame"
-        images: list[ImageSel] = []
-        units: list[tuple[Unit, int]] = []
         layouts: list[ImageLayout] = []
         for m in fam.pixel_keys:
             spans = [sp for sp in state.spans if sp.modality == m]
@@ -593,28 +602,11 @@ class PruneHandle:
                 continue
             if m not in raws:
                 raise UnsupportedCallError(f"no encoder pass was seen for the {m}s of this call")
-            lays = fam.lm_layouts(m, spans, embeds, raws[m], per_frame)
-            for lay in lays:
-                n_content = sum(u.rows.numel() for u in lay.units)
-                total = self.vconfig.tokens_for(n_content)
-                sizes = [u.rows.numel() for u in lay.units]
-                units.extend(zip(lay.units, split_budget(total, sizes, [u.weight for u in lay.units])))
-            layouts.extend(lays)
-        sels = self._select_units(flat, units)
-        merged = None
-        for (u, n_keep), sel in zip(units, sels):
-            if sel.indices.numel() != n_keep:
-                raise RuntimeError(f"strategy {self.vspec.name} kept {sel.indices.numel()} tokens, budget is {n_keep}")
-            if sel.features is not None:
-                if merged is None:
-                    merged = flat.clone()
-                merged[u.rows[sel.indices.to(u.rows.device)]] = sel.features.to(flat.device, flat.dtype)
-        it = iter(sels)
-        for lay, sp in zip(layouts, state.spans):
-            im = self._image_sel(lay, [next(it) for _ in lay.units])
-            if sp.modality == "image" and self.vspec.images == "keep":
-                im = ImageSel(keep=torch.ones_like(im.keep))
-            images.append(im)
+            layouts.extend(fam.lm_layouts(m, spans, embeds, raws[m], per_frame))
+        images, merged = self._select_layouts(embeds.reshape(b * length, d), layouts)
+        for i, sp in enumerate(state.spans):
+            if sp.modality == "image" and self.vspec.images == "keep":   # a video method: images pass whole
+                images[i] = ImageSel(keep=torch.ones_like(images[i].keep))
         state.seconds += time.perf_counter() - t0
         return images, (embeds if merged is None else merged.reshape(b, length, d))
 
