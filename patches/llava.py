@@ -32,6 +32,29 @@ def rotate_half_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) ->
     return apply_rotary_pos_emb(x, x, cos, sin)[0]
 
 
+class DecoderLLM:
+    """The LLM side shared by the families whose language model is a Llama-style decoder
+    (q/k projections, optional Qwen3 q/k norms after the head split, ``rotate_half`` rotary with
+    the model's own precomputed cos/sin — M-RoPE included). Mixed into a :class:`Family`."""
+
+    def llm_attention(self, layer: int) -> LLMAttention:
+        attn = self.decoder_layers[layer].self_attn  # type: ignore[attr-defined]
+        tcfg = self.model.config.text_config  # type: ignore[attr-defined]
+        # Qwen3-style q/k norms act after the head split: read q/k after them
+        q_src = getattr(attn, "q_norm", None) or attn.q_proj
+        k_src = getattr(attn, "k_norm", None) or attn.k_proj
+        return LLMAttention(module=attn, q_source=q_src, k_source=k_src,
+                            num_heads=tcfg.num_attention_heads, num_kv_heads=tcfg.num_key_value_heads,
+                            head_dim=attn.head_dim, scaling=attn.scaling, rotary=rotate_half_rotary)
+
+    def llm_dims(self) -> tuple[LayerDims, int]:
+        t = self.model.config.text_config  # type: ignore[attr-defined]
+        hd = getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads
+        dims = LayerDims(hidden=t.hidden_size, q_dim=t.num_attention_heads * hd,
+                         kv_dim=t.num_key_value_heads * hd, mlp=t.intermediate_size, gated=True)
+        return dims, t.num_hidden_layers
+
+
 def vision_encoder_layers(tower: nn.Module) -> nn.ModuleList:
     for path in ("encoder.layers", "vision_model.encoder.layers"):
         obj: Any = tower
@@ -42,7 +65,7 @@ def vision_encoder_layers(tower: nn.Module) -> nn.ModuleList:
     raise UnsupportedModelError(f"cannot find the encoder layers of vision tower {type(tower).__name__}")
 
 
-class LlavaFamily(Family):
+class LlavaFamily(DecoderLLM, Family):
     name = "llava"
     model_types = ("llava",)
 
@@ -88,29 +111,12 @@ class LlavaFamily(Family):
         return VisionAttention(module=attn, q_source=attn.q_proj, k_source=attn.k_proj,
                                num_heads=attn.num_heads, scale=attn.scale)
 
-    def llm_attention(self, layer: int) -> LLMAttention:
-        attn = self.decoder_layers[layer].self_attn
-        tcfg = self.model.config.text_config
-        # Qwen3-style q/k norms act after the head split: read q/k after them
-        q_src = getattr(attn, "q_norm", None) or attn.q_proj
-        k_src = getattr(attn, "k_norm", None) or attn.k_proj
-        return LLMAttention(module=attn, q_source=q_src, k_source=k_src,
-                            num_heads=tcfg.num_attention_heads, num_kv_heads=tcfg.num_key_value_heads,
-                            head_dim=attn.head_dim, scaling=attn.scaling, rotary=rotate_half_rotary)
-
     def vision_dims(self) -> tuple[LayerDims, int, int]:
         v = self.model.config.vision_config
         h, w = self.vision_info.grid
         dims = LayerDims(hidden=v.hidden_size, q_dim=v.hidden_size, kv_dim=v.hidden_size,
                          mlp=v.intermediate_size, gated=False)
         return dims, self.vision_info.num_layers, h * w + (1 if self.vision_info.has_cls else 0)
-
-    def llm_dims(self) -> tuple[LayerDims, int]:
-        t = self.model.config.text_config
-        hd = getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads
-        dims = LayerDims(hidden=t.hidden_size, q_dim=t.num_attention_heads * hd,
-                         kv_dim=t.num_key_value_heads * hd, mlp=t.intermediate_size, gated=True)
-        return dims, t.num_hidden_layers
 
 
 register_family("llava", LlavaFamily)

@@ -33,18 +33,18 @@ from torch import nn
 
 from tokenprune.attention import vision_reductions
 from tokenprune.errors import UnsupportedCallError, UnsupportedModelError
-from tokenprune.family import Family, ImageLayout, LLMAttention, ScratchFn, StoreFn, Unit
+from tokenprune.family import Family, ImageLayout, ScratchFn, StoreFn, Unit
 from tokenprune.registry import register_family
 from tokenprune.stats import LayerDims
 from tokenprune.strategies.base import LLMInfo, VisionInfo
 
-from .llava import rotate_half_rotary
+from .llava import DecoderLLM
 
 #: HiPrune's Qwen2.5-VL object layer (1-based) for a 32-block tower
 PAPER_OBJECT_LAYER, PAPER_DEPTH = 16, 32
 
 
-class QwenVLFamily(Family):
+class QwenVLFamily(DecoderLLM, Family):
     name = "qwen2_vl"
     model_types = ("qwen2_vl",)
     pixel_keys = {"image": "pixel_values", "video": "pixel_values_videos"}
@@ -209,29 +209,12 @@ class QwenVLFamily(Family):
                     segs.extend([int(h * w)] * int(t))
         return segs
 
-    # --- LLM -----------------------------------------------------------------------------------
-    def llm_attention(self, layer: int) -> LLMAttention:
-        attn = self.decoder_layers[layer].self_attn
-        tcfg = self.model.config.text_config
-        q_src = getattr(attn, "q_norm", None) or attn.q_proj
-        k_src = getattr(attn, "k_norm", None) or attn.k_proj
-        return LLMAttention(module=attn, q_source=q_src, k_source=k_src,
-                            num_heads=tcfg.num_attention_heads, num_kv_heads=tcfg.num_key_value_heads,
-                            head_dim=attn.head_dim, scaling=attn.scaling, rotary=rotate_half_rotary)
-
     def vision_dims(self) -> tuple[LayerDims, int, int]:
         v = self.model.config.vision_config
         e = getattr(v, "embed_dim", None) or v.hidden_size
         mlp = getattr(v, "intermediate_size", None) or int(e * getattr(v, "mlp_ratio", 4))
         dims = LayerDims(hidden=e, q_dim=e, kv_dim=e, mlp=mlp, gated=self.name == "qwen2_5_vl")
         return dims, self.vision_info.num_layers, 0
-
-    def llm_dims(self) -> tuple[LayerDims, int]:
-        t = self.model.config.text_config
-        hd = getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads
-        dims = LayerDims(hidden=t.hidden_size, q_dim=t.num_attention_heads * hd,
-                         kv_dim=t.num_key_value_heads * hd, mlp=t.intermediate_size, gated=True)
-        return dims, t.num_hidden_layers
 
 
 class Qwen25VLFamily(QwenVLFamily):
