@@ -1,0 +1,246 @@
+"""Train the tiny video LLaVA-OneVision on the synthetic clips and save it with ``save_pretrained``.
+
+    python -m tokenprune.eval.synthetic.train_video --out assets/tiny-ov-video [--device cuda]
+
+The model is a real ``LlavaOnevisionForConditionalGeneration`` (SigLIP-style tower 224 px / 14 ->
+16 x 16 patches per frame, 6 x 128, no CLS; Qwen2 LLM 4 x 256) with a real
+``LlavaOnevisionProcessor`` built offline; a clip of 8 frames is 8 x 64 pooled tokens + 1 newline.
+Stage A trains the tower with dense per-patch supervision on every frame (colour, shape,
+object centre; a mean-token pair head stands in for CLS), which makes its attention
+object-centric (``tiny-model-notes.md``); stage B trains projector + LLM (tower fine-tuned, the
+dense loss kept on) on the one-word answers through the model's own forward. Time-budgeted cosine
+schedules as the image model, so a run fits its budget on any device.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .clips import FRAMES, VIDEO_WORDS, ClipSample, clip_split, render_clips, sample_clip, sample_clip_question
+from .questions import ANSWERS, VOCAB
+from .scenes import IMAGE_SIZE, PATCH
+from .train import DenseHeads, cosine, pair_targets
+
+SPECIAL = ["<pad>", "<s>", "</s>", "[UNK]", "<image>", "<video>"]
+CHAT_WORDS = ("user", "assistant")
+WORDS = tuple(dict.fromkeys(list(VOCAB) + VIDEO_WORDS + ["end"]))
+SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
+POOLED = (IMAGE_SIZE // PATCH + 1) // 2            # 8: the 16 x 16 grid pooled 2x per frame
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }} : "
+    "{% for c in m['content'] %}{% if c['type'] == 'image' %}<image> {% elif c['type'] == 'video' %}<video> "
+    "{% else %}{{ c['text'] }} {% endif %}{% endfor %}"
+    "{% endfor %}{% if add_generation_prompt %}assistant : {% endif %}")
+
+
+def video_config(vision_layers: int = 6, vision_hidden: int = 128, llm_layers: int = 4, llm_hidden: int = 256):
+    from transformers import LlavaOnevisionConfig, Qwen2Config, SiglipVisionConfig
+
+    vision = SiglipVisionConfig(hidden_size=vision_hidden, intermediate_size=vision_hidden * 4,
+                                num_hidden_layers=vision_layers, num_attention_heads=4, image_size=IMAGE_SIZE,
+                                patch_size=PATCH)
+    text = Qwen2Config(hidden_size=llm_hidden, intermediate_size=llm_hidden * 3, num_hidden_layers=llm_layers,
+                       num_attention_heads=8, num_key_value_heads=4,
+                       vocab_size=len(SPECIAL) + len(CHAT_WORDS) + len(WORDS), max_position_embeddings=1024,
+                       pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    return LlavaOnevisionConfig(vision_config=vision, text_config=text, image_token_id=SPECIAL.index("<image>"),
+                                video_token_id=SPECIAL.index("<video>"), image_grid_pinpoints=[[IMAGE_SIZE, IMAGE_SIZE]],
+                                vision_feature_layer=-1, vision_feature_select_strategy="full",
+                                vision_aspect_ratio="anyres_max_9", pad_token_id=0)
+
+
+def build_model(seed: int = 0, device: str = "cpu", **kw: Any):
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        return LlavaOnevisionForConditionalGeneration._from_config(copy.deepcopy(video_config(**kw)),
+                                                                   attn_implementation="sdpa")
+
+
+def build_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(SPECIAL + list(CHAT_WORDS) + list(WORDS))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="[UNK]", padding_side="left",
+                                   extra_special_tokens={"image_token": "<image>", "video_token": "<video>"})
+    fast.add_special_tokens({"additional_special_tokens": ["<image>", "<video>"]})
+    return fast
+
+
+def build_processor():
+    """A real ``LlavaOnevisionProcessor`` (224 px, SigLIP normalisation) + the word-level tokenizer."""
+    from transformers import LlavaOnevisionImageProcessor, LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor
+
+    size = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    ip = LlavaOnevisionImageProcessor(size=size, image_grid_pinpoints=[[IMAGE_SIZE, IMAGE_SIZE]],
+                                      image_mean=list(SIGLIP_MEAN), image_std=list(SIGLIP_STD))
+    vp = LlavaOnevisionVideoProcessor(size=size, image_mean=list(SIGLIP_MEAN), image_std=list(SIGLIP_STD))
+    side = IMAGE_SIZE // PATCH
+    return LlavaOnevisionProcessor(image_processor=ip, video_processor=vp, tokenizer=build_tokenizer(),
+                                   num_image_tokens=side * side, vision_feature_select_strategy="full",
+                                   vision_aspect_ratio="anyres_max_9", chat_template=CHAT_TEMPLATE)
+
+
+def normalise(frames: torch.Tensor) -> torch.Tensor:
+    """[..., 3, H, W] in [0, 1] -> SigLIP normalisation (what the video processor does)."""
+    return (frames - 0.5) / 0.5
+
+
+def prompt_text(question: str) -> str:
+    return f"user : <video> {question} assistant : "
+
+
+def encode(tokenizer: Any, questions: list[str], answers: list[str] | None, frames: int = FRAMES
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Left-padded ids with ``<video>`` expanded to frames x 64 + 1 tokens (as the processor does),
+    mask, labels (answer word and eos only)."""
+    vid = SPECIAL.index("<video>")
+    n_vid = frames * POOLED * POOLED + 1
+    rows, labs = [], []
+    for i, q in enumerate(questions):
+        ids = tokenizer(prompt_text(q)).input_ids
+        k = ids.index(vid)
+        ids = ids[:k] + [vid] * n_vid + ids[k + 1:]
+        lab = [-100] * len(ids)
+        if answers is not None:
+            ans = tokenizer(answers[i]).input_ids + [tokenizer.eos_token_id]
+            ids, lab = ids + ans, lab + ans
+        rows.append(ids)
+        labs.append(lab)
+    length = max(map(len, rows))
+    ids = np.zeros((len(rows), length), np.int64)
+    mask = np.zeros_like(ids)
+    labels = np.full_like(ids, -100)
+    for i, (r, lab) in enumerate(zip(rows, labs)):
+        ids[i, length - len(r):], mask[i, length - len(r):], labels[i, length - len(r):] = r, 1, lab
+    return torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(labels)
+
+
+def tower_hidden(model: Any, frames: torch.Tensor) -> torch.Tensor:
+    """Last hidden state of the tower for [B, F, 3, H, W] frames -> [B*F, 256, d]."""
+    return model.model.vision_tower(normalise(frames.flatten(0, 1))).last_hidden_state
+
+
+def dense_loss(heads: DenseHeads, hidden: torch.Tensor, labels: torch.Tensor, clips_frames: list) -> tuple:
+    with_mean = torch.cat([hidden.mean(1, keepdim=True), hidden], 1)   # no CLS: a mean token stands in
+    return heads.loss(with_mean, labels.flatten(0, 1), pair_targets(clips_frames, hidden.device))
+
+
+@torch.no_grad()
+def evaluate(model: Any, tok: Any, samples: list[ClipSample], device: str, batch: int = 32) -> dict[str, float]:
+    """First-answer-token accuracy, overall and per question type."""
+    model.eval()
+    answer_ids = {tok(a).input_ids[0]: a for a in set(ANSWERS)}
+    right: dict[str, list[bool]] = {}
+    for i in range(0, len(samples), batch):
+        part = samples[i:i + batch]
+        frames, _ = render_clips([s.clip for s in part], device=device)
+        ids, mask, _ = encode(tok, [s.question for s in part], None)
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                       pixel_values_videos=normalise(frames), logits_to_keep=1).logits[:, -1]
+        pred = logits.argmax(-1).tolist()
+        for s, p in zip(part, pred):
+            right.setdefault(s.qtype, []).append(answer_ids.get(p) == s.answer)
+    allr = [x for v in right.values() for x in v]
+    return {"accuracy": float(np.mean(allr)), **{t: float(np.mean(v)) for t, v in right.items()}}
+
+
+def train(out: Path, device: str, seconds_a: float, seconds_b: float, batch: int, seed: int = 0,
+          n_val: int = 200, **model_kw: Any) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    torch.manual_seed(seed)
+    model = build_model(seed, device, **model_kw).train()
+    tok = build_tokenizer()
+    heads = DenseHeads(model.config.vision_config.hidden_size).to(device)
+    rng = np.random.default_rng(seed)
+    log: dict[str, Any] = {"device": device, "batch": batch}
+
+    def clips_batch():
+        cs = [sample_clip(rng) for _ in range(batch)]
+        qa = [sample_clip_question(c, rng) for c in cs]
+        return cs, qa
+
+    # stage A: tower + dense heads on every frame
+    opt = torch.optim.AdamW(list(model.model.vision_tower.parameters()) + list(heads.parameters()), lr=1e-3)
+    t0, step = time.time(), 0
+    with tqdm(desc="stage A (tower)", unit="step") as bar:
+        while time.time() - t0 < seconds_a:
+            for g in opt.param_groups:
+                g["lr"] = 1e-3 * cosine((time.time() - t0) / max(seconds_a, 1e-9))
+            cs, _ = clips_batch()
+            frames, labels = render_clips(cs, device=device)
+            loss, info = dense_loss(heads, tower_hidden(model, frames), labels,
+                                    [c.frame(t) for c in cs for t in range(FRAMES)])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            step += 1
+            bar.update()
+            bar.set_postfix(loss=f"{loss.item():.3f}", **{k: f"{v:.2f}" for k, v in info.items()})
+    log["steps_a"] = step
+    # stage B: VQA through the model's forward, tower fine-tuned with the dense loss kept on
+    params = [p for n, p in model.named_parameters() if not n.startswith("model.vision_tower")]
+    opt = torch.optim.AdamW([{"params": params, "lr": 5e-4},
+                             {"params": list(model.model.vision_tower.parameters()) + list(heads.parameters()),
+                              "lr": 1e-4}])
+    base = [g["lr"] for g in opt.param_groups]
+    t0, step = time.time(), 0
+    with tqdm(desc="stage B (VQA)", unit="step") as bar:
+        while time.time() - t0 < seconds_b:
+            f = cosine((time.time() - t0) / max(seconds_b, 1e-9))
+            for g, b0 in zip(opt.param_groups, base):
+                g["lr"] = b0 * f
+            cs, qa = clips_batch()
+            frames, labels = render_clips(cs, device=device)
+            ids, mask, lab = encode(tok, [q for q, _, _ in qa], [a for _, a, _ in qa])
+            out_ = model(input_ids=ids.to(device), attention_mask=mask.to(device), labels=lab.to(device),
+                         pixel_values_videos=normalise(frames))
+            dl, _ = dense_loss(heads, tower_hidden(model, frames[:, ::4]), labels[:, ::4],
+                               [c.frame(t) for c in cs for t in range(0, FRAMES, 4)])
+            loss = out_.loss + 0.2 * dl
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            step += 1
+            bar.update()
+            bar.set_postfix(vqa=f"{out_.loss.item():.3f}")
+    log["steps_b"] = step
+    model.eval()
+    log["validation"] = evaluate(model, tok, clip_split(n_val, 10_000 + seed), device)
+    out.mkdir(parents=True, exist_ok=True)
+    model.to(torch.float16).save_pretrained(out)
+    build_processor().save_pretrained(out)
+    (out / "training.json").write_text(json.dumps(log, indent=1))
+    return log
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(prog="python -m tokenprune.eval.synthetic.train_video", description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=Path("assets/tiny-ov-video"))
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--seconds-a", type=float, default=60.0)
+    ap.add_argument("--seconds-b", type=float, default=240.0)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--n-val", type=int, default=200)
+    a = ap.parse_args(argv)
+    log = train(a.out, a.device, a.seconds_a, a.seconds_b, a.batch, a.seed, a.n_val)
+    print(json.dumps(log, indent=1))
+    return log
+
+
+if __name__ == "__main__":
+    main()
