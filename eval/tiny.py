@@ -65,19 +65,24 @@ def mid_llava_config(**kw: Any):
     return llava_config(**base)
 
 
-def build_tokenizer():
-    """Word-level fast tokenizer with ``<image>`` as one special token (offline)."""
+def word_tokenizer(tokens: list[str], special: dict[str, str], whitespace_split: bool = False):
+    """A word-level fast tokenizer over ``tokens`` (ids in that order; the first four are pad, bos,
+    eos, unk), with ``special`` (e.g. ``{"image_token": "<image>"}``) as single special tokens."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {t: i for i, t in enumerate(SPECIAL + sorted(set(WORDS)) + list("?.,:"))}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
-                                   eos_token="</s>", unk_token="[UNK]", padding_side="left",
-                                   extra_special_tokens={"image_token": IMAGE_TOKEN})
-    fast.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(tokens)}, unk_token=tokens[3]))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit() if whitespace_split else pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=tokens[0], bos_token=tokens[1],
+                                   eos_token=tokens[2], unk_token=tokens[3], padding_side="left",
+                                   extra_special_tokens=dict(special))
+    fast.add_special_tokens({"additional_special_tokens": list(special.values())})
     return fast
+
+
+def build_tokenizer():
+    """Word-level fast tokenizer with ``<image>`` as one special token (offline)."""
+    return word_tokenizer(SPECIAL + sorted(set(WORDS)) + list("?.,:"), {"image_token": IMAGE_TOKEN})
 
 
 CHAT_TEMPLATE = (
@@ -261,19 +266,9 @@ QWEN_CHAT_TEMPLATE = (
 
 def build_qwen_tokenizer():
     """Word-level fast tokenizer whose special ids match :data:`QWEN_IDS` (offline)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {t: i for i, t in enumerate(QWEN_SPECIAL + sorted(set(WORDS)) + list("?.,:"))}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="[UNK]",
-        padding_side="left",
-        extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
-                              "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"})
-    fast.add_special_tokens({"additional_special_tokens": QWEN_SPECIAL[4:]})
-    return fast
+    return word_tokenizer(QWEN_SPECIAL + sorted(set(WORDS)) + list("?.,:"),
+                          {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+                           "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"})
 
 
 def build_qwen_processor(kind: str = "qwen2_vl", min_pixels: int = 56 * 56, max_pixels: int = 224 * 224):
@@ -361,18 +356,9 @@ ANYRES_CHAT_TEMPLATE = (
 
 
 def build_anyres_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     special = ["<pad>", "<s>", "</s>", "[UNK]", "<image>", "<video>"]
-    vocab = {t: i for i, t in enumerate(special + sorted(set(WORDS)) + list("?.,:"))}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                   unk_token="[UNK]", padding_side="left",
-                                   extra_special_tokens={"image_token": "<image>", "video_token": "<video>"})
-    fast.add_special_tokens({"additional_special_tokens": ["<image>", "<video>"]})
-    return fast
+    return word_tokenizer(special + sorted(set(WORDS)) + list("?.,:"),
+                          {"image_token": "<image>", "video_token": "<video>"})
 
 
 def build_anyres_processor(kind: str = "llava_next"):

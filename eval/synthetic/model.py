@@ -37,17 +37,9 @@ def build_model(seed: int = 0, device: str = "cpu"):
 
 
 def build_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from ..tiny import word_tokenizer
 
-    vocab = {t: i for i, t in enumerate(SPECIAL + list(CHAT_WORDS) + list(VOCAB))}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                   unk_token="[UNK]", padding_side="left",
-                                   extra_special_tokens={"image_token": IMAGE_TOKEN})
-    fast.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
-    return fast
+    return word_tokenizer(SPECIAL + list(CHAT_WORDS) + list(VOCAB), {"image_token": IMAGE_TOKEN}, whitespace_split=True)
 
 
 def build_processor():

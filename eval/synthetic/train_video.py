@@ -66,17 +66,10 @@ def build_model(seed: int = 0, device: str = "cpu", **kw: Any):
 
 
 def build_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from ..tiny import word_tokenizer
 
-    vocab = {t: i for i, t in enumerate(SPECIAL + list(CHAT_WORDS) + list(WORDS))}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                   unk_token="[UNK]", padding_side="left",
-                                   extra_special_tokens={"image_token": "<image>", "video_token": "<video>"})
-    fast.add_special_tokens({"additional_special_tokens": ["<image>", "<video>"]})
-    return fast
+    return word_tokenizer(SPECIAL + list(CHAT_WORDS) + list(WORDS), {"image_token": "<image>", "video_token": "<video>"},
+                          whitespace_split=True)
 
 
 def build_processor():
@@ -228,7 +221,8 @@ def train(out: Path, device: str, seconds_a: float, seconds_b: float, batch: int
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(prog="python -m tokenprune.eval.synthetic.train_video", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m tokenprune.eval.synthetic.train_video",
+                                 description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("assets/tiny-ov-video"))
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--seconds-a", type=float, default=60.0)
