@@ -92,16 +92,21 @@ def encode_batch(tokenizer: Any, questions: list[str], answers: list[str] | None
             ids = ids + ans
         rows.append(ids)
         labs.append(lab)
+    return pad_rows(rows, labs, left=False)
+
+
+def pad_rows(rows: list[list[int]], labs: list[list[int]], left: bool
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token rows and their labels -> (ids, attention mask, labels) [B, L], padded with 0 / -100
+    on the left or the right."""
     length = max(map(len, rows))
     ids = np.zeros((len(rows), length), np.int64)
     mask = np.zeros_like(ids)
     labels = np.full_like(ids, -100)
     for i, (r, lab) in enumerate(zip(rows, labs)):
-        ids[i, :len(r)] = r
-        mask[i, :len(r)] = 1
-        labels[i, :len(r)] = lab
-    ids, mask, labels = torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(labels)
-    return ids, mask, labels
+        span = slice(length - len(r), length) if left else slice(0, len(r))
+        ids[i, span], mask[i, span], labels[i, span] = r, 1, lab
+    return torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(labels)
 
 
 def vqa_loss(model: Any, hidden: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor,

@@ -26,7 +26,7 @@ import torch
 from .clips import FRAMES, VIDEO_WORDS, ClipSample, clip_split, render_clips, sample_clip, sample_clip_question
 from .questions import ANSWERS, VOCAB
 from .scenes import IMAGE_SIZE, PATCH
-from .train import DenseHeads, cosine, pair_targets
+from .train import DenseHeads, cosine, pad_rows, pair_targets
 
 SPECIAL = ["<pad>", "<s>", "</s>", "[UNK]", "<image>", "<video>"]
 CHAT_WORDS = ("user", "assistant")
@@ -112,13 +112,7 @@ def encode(tokenizer: Any, questions: list[str], answers: list[str] | None, fram
             ids, lab = ids + ans, lab + ans
         rows.append(ids)
         labs.append(lab)
-    length = max(map(len, rows))
-    ids = np.zeros((len(rows), length), np.int64)
-    mask = np.zeros_like(ids)
-    labels = np.full_like(ids, -100)
-    for i, (r, lab) in enumerate(zip(rows, labs)):
-        ids[i, length - len(r):], mask[i, length - len(r):], labels[i, length - len(r):] = r, 1, lab
-    return torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(labels)
+    return pad_rows(rows, labs, left=True)
 
 
 def tower_hidden(model: Any, frames: torch.Tensor) -> torch.Tensor:
