@@ -18,7 +18,8 @@ case "$what" in
   holitom) timeout -s TERM "${BENCH_SECONDS:-120}" python3 -m tokenprune.eval.bench.holitom --preset gpu --out "$out" 2>&1 \
            | tr '\r' '\n' | grep -v 'it\]$' ;;
   train-video) timeout -s TERM "${TRAIN_SECONDS:-340}" python3 -m tokenprune.eval.synthetic.train_video --device cuda \
-           --out "$out/tiny-ov-video" --seconds-a "${SECONDS_A:-60}" --seconds-b "${SECONDS_B:-240}" --batch 64 2>&1 \
+           --out "$out/tiny-ov-video" --seconds-a "${SECONDS_A:-60}" --seconds-b "${SECONDS_B:-240}" --batch 64 \
+           ${TRAIN_ARGS:-} 2>&1 \
            | tr '\r' '\n' | awk 'NR % 25 == 0 || !/it\/s|s\/it/' ;;
   train) timeout -s TERM "${TRAIN_SECONDS:-340}" python3 -m tokenprune.eval.synthetic.train --device cuda ${TRAIN_ARGS:-} \
            --out "$out/tiny-llava-vqa" --seconds-a "${SECONDS_A:-60}" --seconds-b "${SECONDS_B:-210}" --batch 256 2>&1 \

@@ -71,7 +71,12 @@ def test_bench_smoke(tmp_path):
     main(["bench", "--preset", "tiny", "--strategies", "hiprune", "fastv", "pool", "--out", str(tmp_path)])
     res = json.loads((tmp_path / "bench_tiny.json").read_text())
     assert not res["interrupted"] and res["machine"] and res["transformers"]
-    assert {r["strategy"] for r in res["rows"]} == {"hiprune", "fastv", "pool"}
+    assert not res["errors"]
+    assert {r["strategy"] for r in res["rows"] if "video" not in r["model"]} == {"hiprune", "fastv", "pool"}
+    video = [r for r in res["rows"] if r["model"] == "llava-ov-tiny video"]
+    # the video row runs its own list (HoliTom is not an image strategy) minus what the user left out
+    assert {r["strategy"] for r in video} == {"holitom", "fastv"}
+    assert {r["tokens_in"] for r in video} == {4 * 4 + 1} and {r["kept"] for r in video} == {12 + 1}
     llava = [r for r in res["rows"] if r["model"] == "llava-tiny"]
     qwen = [r for r in res["rows"] if r["model"] == "qwen2.5-vl-tiny"]
     ov = [r for r in res["rows"] if r["model"] == "llava-ov-tiny"]
@@ -82,7 +87,7 @@ def test_bench_smoke(tmp_path):
         for key in ("ttft_ms", "unpruned_ttft_ms", "ideal_ttft_ms", "llm_ms", "vision_ms", "prune_ms", "kv_mb",
                     "pruned_over_unpruned", "pruned_over_ideal", "overhead_share", "flops_ratio", "peak_mb"):
             assert math.isfinite(r[key]), (key, r)
-        assert r["kept"] in (16, 14, 8, 4) and r["kv_mb"] <= r["unpruned_kv_mb"]
+        assert r["kept"] in (16, 14, 13, 8, 4) and r["kv_mb"] <= r["unpruned_kv_mb"]
     assert any("decode_tok_s" in r for r in res["rows"])
     assert {v["strategy"] for v in res["vision_rows"]} == {"hiprune"}   # reference mode: attention strategies
     assert all(v["agreement"] == 1.0 for v in res["vision_rows"])       # same selection as the eager reference

@@ -120,3 +120,27 @@ def test_video_model_processor_matches_training_inputs_and_trains(tmp_path):
     with torch.no_grad():
         model(**{k: v for k, v in p(text=text, videos=[arr], return_tensors="pt").items()})
     assert h.last_stats.visual_tokens_kept == [round(0.25 * 512) + 1]
+
+
+def test_video_dropout_masks_only_video_tokens_and_keeps_newline():
+    """Visual-token dropout removes video tokens only (through the mask), keeps the first video
+    token and the trailing newline, leaves padding and text alone, and keeps whole rows sometimes."""
+    import torch
+
+    from tokenprune.eval.synthetic.train_video import build_tokenizer, drop_visual, encode
+
+    tok = build_tokenizer()
+    ids, mask, _ = encode(tok, ["which shape moves", "how many objects are there at the end"], ["circle", "two"])
+    vid_id = tok.convert_tokens_to_ids("<video>")
+    vid = ids == vid_id
+    g = torch.Generator().manual_seed(0)
+    fracs = []
+    for _ in range(20):
+        m = drop_visual(ids, mask, vid_id, g)
+        assert torch.equal(m[~vid], mask[~vid])                       # text and padding untouched
+        assert (m <= mask).all()
+        for r in range(ids.shape[0]):
+            pos = vid[r].nonzero()[:, 0]
+            assert m[r, pos[0]] == 1 and m[r, pos[-1]] == 1           # first token and newline kept
+            fracs.append(m[r, pos].float().mean().item())
+    assert min(fracs) < 0.5 and max(fracs) == 1.0

@@ -24,6 +24,8 @@ class ModelPreset:
     dtype: torch.dtype = torch.float32
     image: tuple[int, int] | None = None   # Qwen families: image size in patches (h, w)
     anyres: tuple[int, int] | None = None  # LLaVA-NeXT / OneVision: image size in px (h, w)
+    video_frames: int | None = None        # LLaVA-OneVision video: frames of one clip per row
+    strategies: tuple[str, ...] | None = None   # overrides the bench's list (e.g. video methods)
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,15 @@ def _tiny_anyres(kind: str):
     return make
 
 
+def _mid_ov_video():
+    from ..tiny import anyres_config
+
+    # 168 px frames: 12 x 12 patches pooled to 6 x 6 = 36 tokens per frame
+    return anyres_config("llava_onevision", vision_layers=8, vision_hidden=256, vision_heads=8, llm_layers=8,
+                         llm_hidden=512, llm_heads=8, llm_kv_heads=8, vocab_size=1024, crop=168,
+                         pinpoints=[[168, 168]])
+
+
 def _tiny_qwen(kind: str):
     def make():
         from ..tiny import qwen_config
@@ -124,13 +135,34 @@ def qwen25_vl_7b_config():
                             vision_start_token_id=151652, vision_end_token_id=151653)
 
 
+def llava_onevision_7b_config():
+    """LLaVA-OneVision-7B: SigLIP-so400m/14-384 (the checkpoint keeps 26 of its 27 layers, 1152 wide) +
+    Qwen2-7B (28 layers, 3584); a video frame is 27 x 27 patches pooled (bilinear) to 14 x 14 = 196 tokens."""
+    from transformers import LlavaOnevisionConfig, Qwen2Config, SiglipVisionConfig
+
+    vision = SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26,
+                                num_attention_heads=16, image_size=384, patch_size=14)
+    text = Qwen2Config(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                       num_key_value_heads=4, vocab_size=152064, max_position_embeddings=32768,
+                       rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=False)
+    pins = [[384 * i, 384 * j] for i in range(1, 7) for j in range(1, 7)]
+    return LlavaOnevisionConfig(vision_config=vision, text_config=text, image_token_id=151646,
+                                video_token_id=151647, image_grid_pinpoints=pins, vision_feature_layer=-1,
+                                vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9")
+
+
+VIDEO_STRATEGIES = ("holitom", "hiprune", "visionzip", "fastv", "random", "pool")
+
 PRESETS: dict[str, BenchPreset] = {
     "tiny": BenchPreset(
         models=(ModelPreset("llava-tiny", "llava", _tiny_llava, batches=(1, 2), budgets=(16, 4), text_tokens=8),
                 ModelPreset("qwen2.5-vl-tiny", "qwen2_5_vl", _tiny_qwen("qwen2_5_vl"), batches=(1,),
                             budgets=(8,), text_tokens=8, image=(8, 12)),
                 ModelPreset("llava-ov-tiny", "llava_onevision", _tiny_anyres("llava_onevision"), batches=(1,),
-                            budgets=(8,), text_tokens=8, anyres=(84, 112))),
+                            budgets=(8,), text_tokens=8, anyres=(84, 112)),
+                ModelPreset("llava-ov-tiny video", "llava_onevision", _tiny_anyres("llava_onevision"),
+                            batches=(1,), budgets=(12,), text_tokens=8, video_frames=4,
+                            strategies=("holitom", "fastv"))),
         repeats=2, warmup=1, decode_tokens=3, capture_batch=2),
     "cpu": BenchPreset(
         models=(ModelPreset("llava-mid (576 tok)", "llava", _mid_llava, batches=(1, 4), budgets=(192, 64)),
@@ -146,18 +178,25 @@ PRESETS: dict[str, BenchPreset] = {
                             batches=(1, 4), budgets=(120, 40), anyres=(252, 336)),
                 # Qwen3-VL: 16 px patches, 512 x 512 px -> 256 merged tokens
                 ModelPreset("qwen3-vl-mid (256 tok)", "qwen3_vl", _mid_qwen("qwen3_vl"), batches=(1, 4),
-                            budgets=(85, 28), image=(32, 32))),
+                            budgets=(85, 28), image=(32, 32)),
+                # 16 frames x 36 pooled tokens (+ 1 newline) = 577 placeholders; keep 20 % / 10 %
+                ModelPreset("llava-ov-mid video (16 fr)", "llava_onevision", _mid_ov_video, batches=(1,),
+                            budgets=(115, 58), video_frames=16, strategies=VIDEO_STRATEGIES)),
         repeats=5, warmup=1, decode_tokens=8, capture_batch=8),
     "gpu": BenchPreset(
-        models=(ModelPreset("llava-1.5-7b", "llava", llava15_7b_config, batches=(1, 16),
-                            budgets=(192, 128, 64), dtype=torch.bfloat16),
-                # 672 x 672 px: 5 crops -> 2,928 placeholders (576 base + 48 x 48 canvas + 48 newlines)
+        models=(# 672 x 672 px: 5 crops -> 2,928 placeholders (576 base + 48 x 48 canvas + 48 newlines)
                 ModelPreset("llava-next-7b (anyres)", "llava_next", llava_next_7b_config, batches=(1,),
                             budgets=(640, 320, 160), dtype=torch.bfloat16, anyres=(672, 672)),
                 # 1008 x 1008 px: 72 x 72 patches -> 1,296 tokens; 33 / 22 / 11 %
                 ModelPreset("qwen2.5-vl-7b (1008 px)", "qwen2_5_vl", qwen25_vl_7b_config, batches=(1,),
-                            budgets=(432, 288, 144), dtype=torch.bfloat16, image=(72, 72))),
-        repeats=10, warmup=3, decode_tokens=16, capture_batch=8),
+                            budgets=(432, 288, 144), dtype=torch.bfloat16, image=(72, 72)),
+                # 32 frames x 196 pooled tokens + 1 newline = 6,273 placeholders; keep 20 % / 10 %
+                ModelPreset("llava-ov-7b video (32 fr)", "llava_onevision", llava_onevision_7b_config,
+                            batches=(1,), budgets=(1254, 627), dtype=torch.bfloat16, video_frames=32,
+                            strategies=VIDEO_STRATEGIES),
+                ModelPreset("llava-1.5-7b", "llava", llava15_7b_config, batches=(1, 16),
+                            budgets=(192, 128, 64), dtype=torch.bfloat16)),
+        repeats=7, warmup=2, decode_tokens=16, capture_batch=8),
 }
 
 

@@ -42,6 +42,12 @@ def to_markdown(res: dict[str, Any]) -> str:
             lines.append(f"| {v['model']} | {v['batch']} | {v['strategy']} | {v['kept']} | {_f(v['sdpa_ms'])} | "
                          f"{_f(v['ours_ms'])} ({100 * v['ours_overhead']:+.0f}%) | {_f(v['official_ms'])} "
                          f"({100 * v['official_overhead']:+.0f}%) | {100 * v['agreement']:.0f}% |")
+    if res.get("interrupted"):
+        lines += ["", "**Interrupted** (time limit): the table holds the cases measured before it."]
+    if res.get("errors"):
+        lines += ["", "Cases that failed (the run went on without them):", ""]
+        lines += [f"- {e['model']} {e.get('strategy', '')} bs={e.get('batch', '')} budget={e.get('budget', '')}: "
+                  f"`{e['error'][:300]}`" for e in res["errors"]]
     return "\n".join(lines) + "\n"
 
 

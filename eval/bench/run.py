@@ -21,6 +21,7 @@ import argparse
 import platform
 import statistics
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -75,8 +76,27 @@ def machine(device: str) -> str:
     return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
 
 
+def placeholder_id(mp: ModelPreset, family: Any) -> int:
+    """The placeholder token the preset's visual input expands to (video or image)."""
+    return int(family.video_token_id) if mp.video_frames else int(family.image_token_id)
+
+
+def _video_tokens(cfg: Any, frames: int) -> int:
+    """LLaVA-OneVision: frames x ceil(g / 2)^2 pooled tokens + one newline per video (g patches a side)."""
+    g = cfg.vision_config.image_size // cfg.vision_config.patch_size
+    return frames * ((g + 1) // 2) ** 2 + 1
+
+
 def _inputs(mp: ModelPreset, model: Any, family: Any, batch: int, device: str) -> dict[str, torch.Tensor]:
     cfg = model.config
+    if mp.video_frames:   # LLaVA-OneVision video: one clip of F frames per row
+        size = cfg.vision_config.image_size
+        ids = prompt_ids(_video_tokens(cfg, mp.video_frames), prefix=mp.text_tokens // 2,
+                         suffix=mp.text_tokens - mp.text_tokens // 2, image_token_id=family.video_token_id,
+                         vocab=min(cfg.text_config.vocab_size, 1024)).repeat(batch, 1).to(device)
+        g = torch.Generator().manual_seed(1)
+        px = torch.randn(batch, mp.video_frames, 3, size, size, generator=g).to(device, mp.dtype)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values_videos": px}
     if mp.image is not None:   # Qwen: flat patches + grid_thw, one image per row
         from ..tiny import qwen_batch, qwen_inputs, qwen_prompt
 
@@ -126,17 +146,21 @@ def _features(out: Any) -> torch.Tensor:
     return f.reshape(-1, f.shape[-1])
 
 
-def _kept_mask(ids: torch.Tensor, image_token_id: int, kept: list[list[torch.Tensor]]) -> torch.Tensor:
-    """[B, L] True for text and kept visual tokens (one image per row)."""
-    keep = ids != image_token_id
+def _kept_mask(ids: torch.Tensor, token_id: int, kept: list[list[torch.Tensor]]) -> torch.Tensor:
+    """[B, L] True for text and kept visual tokens (one image or video per row)."""
+    keep = ids != token_id
     for b in range(ids.shape[0]):
         pos = torch.nonzero(~keep[b]).flatten()
         keep[b, pos[kept[b][0].to(pos.device)]] = True
     return keep
 
 
-def _vision_kwargs(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: inputs[k] for k in ("pixel_values", "image_grid_thw", "image_sizes") if k in inputs}
+def _vision_call(core: Any, inputs: dict[str, torch.Tensor]) -> Any:
+    """The model's own vision entry point for these inputs (video or image features)."""
+    if "pixel_values_videos" in inputs and "pixel_values" not in inputs:
+        return core.get_video_features(inputs["pixel_values_videos"])   # kwarg renamed in 5.2x
+    return core.get_image_features(**{k: inputs[k] for k in ("pixel_values", "image_grid_thw", "image_sizes")
+                                      if k in inputs})
 
 
 class Bench:
@@ -145,6 +169,13 @@ class Bench:
         self.strategies = list(strategies or bp.strategies)
         self.rows: list[dict[str, Any]] = []
         self.vision_rows: list[dict[str, Any]] = []
+        self.errors: list[dict[str, Any]] = []
+
+    def strategies_for(self, mp: ModelPreset) -> list[str]:
+        """The bench's strategies, or the preset's own list (video), minus any the user left out."""
+        if mp.strategies is None:
+            return self.strategies
+        return [s for s in mp.strategies if s in self.strategies or s not in self.bp.strategies]
 
     def t(self, fn: Any, repeats: int | None = None) -> float:
         return time_ms(fn, self.device, repeats or self.bp.repeats, self.bp.warmup)
@@ -154,7 +185,8 @@ class Bench:
     def model_batch(self, mp: ModelPreset, model: Any, family: Any, batch: int, bar: Any) -> None:
         inputs = _inputs(mp, model, family, batch, self.device)
         core, ids = model.model, inputs["input_ids"]
-        n_in = int((ids[0] == family.image_token_id).sum())
+        tok = placeholder_id(mp, family)
+        n_in = int((ids[0] == tok).sum())
 
         def forward() -> Any:
             return model(**inputs, logits_to_keep=1, use_cache=False)
@@ -164,7 +196,7 @@ class Bench:
             return model.generate(**inputs, max_new_tokens=d, min_new_tokens=d, do_sample=False)
 
         def vision() -> Any:
-            return core.get_image_features(**_vision_kwargs(inputs))
+            return _vision_call(core, inputs)
 
         def measure(decode: bool) -> dict[str, Any]:
             timer = _LMTimer(core.language_model, self.device)
@@ -183,12 +215,12 @@ class Bench:
         base = measure(decode=True)
         bar.update()
         emb_full = core.get_input_embeddings()(ids)
-        if family.tokens_per_image is not None:   # LLaVA: the ideal feeds the LLM embeddings by hand
+        if family.tokens_per_image is not None and not mp.video_frames:   # LLaVA: LLM embeddings by hand
             emb_full = emb_full.masked_scatter((ids == family.image_token_id)[..., None],
                                                _features(vision()).to(emb_full.dtype))
         ideal_cache: dict[int, dict[str, Any]] = {}
         for budget in mp.budgets:
-            for name in self.strategies:
+            for name in self.strategies_for(mp):
                 h = tokenprune.apply(model, name, budget=budget)
                 try:
                     res = measure(decode=budget == min(mp.budgets))
@@ -197,10 +229,16 @@ class Bench:
                     row = {"model": mp.name, "batch": batch, "strategy": name, "tokens_in": n_in,
                            "kept": int(st.visual_tokens_kept[0]), "prune_ms": st.prune_ms,
                            "flops_ratio": st.flops_after / st.flops_before, **res}
+                except Exception as e:  # noqa: BLE001 -- one failing case must not lose the run's others
+                    self.errors.append({"model": mp.name, "batch": batch, "strategy": name, "budget": budget,
+                                        "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()})
+                    print(f"bench: {mp.name} bs={batch} {name} budget={budget} failed: {type(e).__name__}: {e}")
+                    bar.update()
+                    continue
                 finally:
                     h.remove()
                 if budget not in ideal_cache:
-                    ideal_cache[budget] = self.ideal(model, family, inputs, emb_full, kept)
+                    ideal_cache[budget] = self.ideal(model, family, inputs, emb_full, kept, tok)
                 ideal = ideal_cache[budget]
                 row.update({f"ideal_{k}": v for k, v in ideal.items()})
                 row.update({f"unpruned_{k}": v for k, v in base.items()})
@@ -214,11 +252,11 @@ class Bench:
 
     @torch.no_grad()
     def ideal(self, model: Any, family: Any, inputs: dict[str, torch.Tensor], emb_full: torch.Tensor,
-              kept: list[list[torch.Tensor]]) -> dict[str, Any]:
+              kept: list[list[torch.Tensor]], token_id: int) -> dict[str, Any]:
         """The unpatched model fed only the kept visual tokens (compact positions, no scoring)."""
         core, ids = model.model, inputs["input_ids"]
-        keep = _kept_mask(ids, family.image_token_id, kept)
-        if family.tokens_per_image is None:
+        keep = _kept_mask(ids, token_id, kept)
+        if family.tokens_per_image is None or token_id != family.image_token_id:
             return self.ideal_sliced(model, inputs, keep)
         b = ids.shape[0]
         emb_kept = emb_full[keep].reshape(b, -1, emb_full.shape[-1])
@@ -304,7 +342,7 @@ class Bench:
     def run(self) -> dict[str, Any]:
         from tqdm import tqdm
 
-        n = sum(len(m.batches) * (1 + len(m.budgets) * len(self.strategies)) for m in self.bp.models)
+        n = sum(len(m.batches) * (1 + len(m.budgets) * len(self.strategies_for(m))) for m in self.bp.models)
         interrupted = False
         with tqdm(total=n, desc="bench") as bar:
             try:
@@ -315,21 +353,27 @@ class Bench:
         return {"machine": machine(self.device), "device": self.device, "torch": torch.__version__,
                 "transformers": transformers.__version__, "repeats": self.bp.repeats,
                 "warmup": self.bp.warmup, "decode_tokens": self.bp.decode_tokens, "interrupted": interrupted,
-                "rows": self.rows, "vision_rows": self.vision_rows}
+                "rows": self.rows, "vision_rows": self.vision_rows, "errors": self.errors}
 
     def _run_models(self, bar: Any) -> None:
         for mp in self.bp.models:
             model = build(mp, self.device)
             family = family_for(model)
-            eager = eager_copy(family.vision_tower) if mp.image is None and mp.anyres is None else None
-            for batch in mp.batches:
-                bar.set_postfix_str(f"{mp.name} bs={batch}")
-                self.model_batch(mp, model, family, batch, bar)
-            if mp.image is not None or mp.anyres is not None:   # official-style reference: LLaVA-1.5
-                continue                   # only (Qwen's vision attention never returns weights)
-            for batch in sorted(set(mp.batches) | ({self.bp.capture_batch} - {None})):
-                self.vision(mp, model, family, batch, eager)
-            del model, eager
+            # official-style reference (eager tower + output_attentions): LLaVA-1.5 only
+            plain = mp.image is None and mp.anyres is None and mp.video_frames is None
+            eager = eager_copy(family.vision_tower) if plain else None
+            try:
+                for batch in mp.batches:
+                    bar.set_postfix_str(f"{mp.name} bs={batch}")
+                    self.model_batch(mp, model, family, batch, bar)
+                if plain:
+                    for batch in sorted(set(mp.batches) | ({self.bp.capture_batch} - {None})):
+                        self.vision(mp, model, family, batch, eager)
+            except Exception as e:  # noqa: BLE001 -- e.g. out of memory: go on with the next model
+                self.errors.append({"model": mp.name, "error": f"{type(e).__name__}: {e}",
+                                    "trace": traceback.format_exc()})
+                print(f"bench: {mp.name} failed: {type(e).__name__}: {e}")
+            del model, eager, family
             if self.device.startswith("cuda"):
                 torch.cuda.empty_cache()
 

@@ -14,6 +14,7 @@ schedules as the image model, so a run fits its budget on any device.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import time
@@ -144,8 +145,25 @@ def evaluate(model: Any, tok: Any, samples: list[ClipSample], device: str, batch
     return {"accuracy": float(np.mean(allr)), **{t: float(np.mean(v)) for t, v in right.items()}}
 
 
+def drop_visual(ids: torch.Tensor, mask: torch.Tensor, video_token_id: int, generator: torch.Generator | None = None
+                ) -> torch.Tensor:
+    """Visual-token dropout through the attention mask: a quarter of the rows keep every video
+    token, the others a random 5-100% of them (at least one; the trailing newline token is kept).
+    Dropped tokens are masked out, so the other tokens keep their original positions — what a
+    pruned forward with original position ids sees. ids, mask [B, L] -> new mask [B, L]."""
+    b = ids.shape[0]
+    vid = ids == video_token_id
+    frac = torch.where(torch.rand(b, generator=generator) < 0.25, torch.ones(b),
+                       0.05 + 0.95 * torch.rand(b, generator=generator))
+    keep = torch.rand(ids.shape, generator=generator) < frac[:, None]
+    last = vid.long().cumsum(1) == vid.sum(1, keepdim=True)      # from the newline token on
+    first = vid & (vid.long().cumsum(1) == 1)
+    keep = keep | ~vid | (last & vid) | first
+    return mask * keep.to(mask.dtype)
+
+
 def train(out: Path, device: str, seconds_a: float, seconds_b: float, batch: int, seed: int = 0,
-          n_val: int = 200, **model_kw: Any) -> dict[str, Any]:
+          n_val: int = 200, lr_scale: float = 1.0, dropout: bool = True, **model_kw: Any) -> dict[str, Any]:
     from tqdm import tqdm
 
     torch.manual_seed(seed)
@@ -153,7 +171,11 @@ def train(out: Path, device: str, seconds_a: float, seconds_b: float, batch: int
     tok = build_tokenizer()
     heads = DenseHeads(model.config.vision_config.hidden_size).to(device)
     rng = np.random.default_rng(seed)
-    log: dict[str, Any] = {"device": device, "batch": batch}
+    gen = torch.Generator().manual_seed(seed)
+    amp = (torch.autocast("cuda", dtype=torch.bfloat16) if str(device).startswith("cuda")
+           else contextlib.nullcontext())
+    log: dict[str, Any] = {"device": device, "batch": batch, "lr_scale": lr_scale, "dropout": dropout,
+                           "model": model_kw}
 
     def clips_batch():
         cs = [sample_clip(rng) for _ in range(batch)]
@@ -169,10 +191,12 @@ def train(out: Path, device: str, seconds_a: float, seconds_b: float, batch: int
                 g["lr"] = 1e-3 * cosine((time.time() - t0) / max(seconds_a, 1e-9))
             cs, _ = clips_batch()
             frames, labels = render_clips(cs, device=device)
-            loss, info = dense_loss(heads, tower_hidden(model, frames), labels,
-                                    [c.frame(t) for c in cs for t in range(FRAMES)])
+            with amp:
+                loss, info = dense_loss(heads, tower_hidden(model, frames), labels,
+                                        [c.frame(t) for c in cs for t in range(FRAMES)])
             opt.zero_grad()
             loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.model.vision_tower.parameters(), 1.0)
             opt.step()
             step += 1
             bar.update()
@@ -180,9 +204,9 @@ def train(out: Path, device: str, seconds_a: float, seconds_b: float, batch: int
     log["steps_a"] = step
     # stage B: VQA through the model's forward, tower fine-tuned with the dense loss kept on
     params = [p for n, p in model.named_parameters() if not n.startswith("model.vision_tower")]
-    opt = torch.optim.AdamW([{"params": params, "lr": 5e-4},
+    opt = torch.optim.AdamW([{"params": params, "lr": 5e-4 * lr_scale},
                              {"params": list(model.model.vision_tower.parameters()) + list(heads.parameters()),
-                              "lr": 1e-4}])
+                              "lr": 1e-4 * lr_scale}])
     base = [g["lr"] for g in opt.param_groups]
     t0, step = time.time(), 0
     with tqdm(desc="stage B (VQA)", unit="step") as bar:
@@ -193,13 +217,17 @@ def train(out: Path, device: str, seconds_a: float, seconds_b: float, batch: int
             cs, qa = clips_batch()
             frames, labels = render_clips(cs, device=device)
             ids, mask, lab = encode(tok, [q for q, _, _ in qa], [a for _, a, _ in qa])
-            out_ = model(input_ids=ids.to(device), attention_mask=mask.to(device), labels=lab.to(device),
-                         pixel_values_videos=normalise(frames))
-            dl, _ = dense_loss(heads, tower_hidden(model, frames[:, ::4]), labels[:, ::4],
-                               [c.frame(t) for c in cs for t in range(0, FRAMES, 4)])
-            loss = out_.loss + 0.2 * dl
+            if dropout:
+                mask = drop_visual(ids, mask, model.config.video_token_id, gen)
+            with amp:
+                out_ = model(input_ids=ids.to(device), attention_mask=mask.to(device), labels=lab.to(device),
+                             pixel_values_videos=normalise(frames))
+                dl, _ = dense_loss(heads, tower_hidden(model, frames[:, ::4]), labels[:, ::4],
+                                   [c.frame(t) for c in cs for t in range(0, FRAMES, 4)])
+                loss = out_.loss + 0.2 * dl
             opt.zero_grad()
             loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             step += 1
             bar.update()
@@ -224,8 +252,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--n-val", type=int, default=200)
+    ap.add_argument("--lr-scale", type=float, default=1.0)
+    ap.add_argument("--llm-layers", type=int, default=4)
+    ap.add_argument("--no-dropout", action="store_true", help="train on full token sets only")
     a = ap.parse_args(argv)
-    log = train(a.out, a.device, a.seconds_a, a.seconds_b, a.batch, a.seed, a.n_val)
+    log = train(a.out, a.device, a.seconds_a, a.seconds_b, a.batch, a.seed, a.n_val, lr_scale=a.lr_scale,
+                dropout=not a.no_dropout, llm_layers=a.llm_layers)
     print(json.dumps(log, indent=1))
     return log
 
