@@ -13,7 +13,7 @@ cd "$shim"   # python puts the working directory first on sys.path: not the repo
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers, tokenprune; print('torch', torch.__version__, '| transformers', transformers.__version__, '| tokenprune', tokenprune.__version__)"
 case "$what" in
-  bench) timeout -s TERM "${BENCH_SECONDS:-230}" python3 -m tokenprune.eval.bench.run --preset gpu --out "$out" 2>&1 \
+  bench) timeout -s TERM "${BENCH_SECONDS:-230}" python3 -m tokenprune.eval.bench.run --preset gpu --out "$out" ${BENCH_ARGS:-} 2>&1 \
            | tr '\r' '\n' | grep -v '^bench: .*it\]$' ;;
   holitom) timeout -s TERM "${BENCH_SECONDS:-120}" python3 -m tokenprune.eval.bench.holitom --preset gpu --out "$out" 2>&1 \
            | tr '\r' '\n' | grep -v 'it\]$' ;;

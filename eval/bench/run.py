@@ -87,6 +87,18 @@ def _video_tokens(cfg: Any, frames: int) -> int:
     return frames * ((g + 1) // 2) ** 2 + 1
 
 
+def _real_ids(ids: torch.Tensor, cfg: Any) -> torch.Tensor:
+    """The tiny prompt builder's special ids (image / video pads, vision start / end) mapped to the
+    config's own (a real-size Qwen config uses 151655, ...)."""
+    from ..tiny import QWEN_IDS
+
+    out = ids.clone()
+    for key, attr in (("image", "image_token_id"), ("video", "video_token_id"),
+                      ("vision_start", "vision_start_token_id"), ("vision_end", "vision_end_token_id")):
+        out[ids == QWEN_IDS[key]] = int(getattr(cfg, attr))
+    return out
+
+
 def _inputs(mp: ModelPreset, model: Any, family: Any, batch: int, device: str) -> dict[str, torch.Tensor]:
     cfg = model.config
     if mp.video_frames:   # LLaVA-OneVision video: one clip of F frames per row
@@ -107,6 +119,7 @@ def _inputs(mp: ModelPreset, model: Any, family: Any, batch: int, device: str) -
         ids = torch.cat([ids[:, :1], torch.randint(10, 1000, (1, max(0, pad))), ids[:, 1:]], 1)
         one["input_ids"], one["attention_mask"] = ids, torch.ones_like(ids)
         inp = qwen_batch(family.name, [one] * batch)
+        inp["input_ids"] = _real_ids(inp["input_ids"], cfg)
         return {k: (v.to(device, mp.dtype) if v.is_floating_point() else v.to(device)) for k, v in inp.items()}
     n = family.tokens_per_image
     vocab = min(cfg.text_config.vocab_size, 1024)
@@ -386,12 +399,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--strategies", nargs="*", help=f"subset of {list(PRESETS['cpu'].strategies)}")
     ap.add_argument("--repeats", type=int, help="override the preset's repeats")
+    ap.add_argument("--models", nargs="*", help="only the preset's models whose name contains one of these")
     ap.add_argument("--out", type=Path, default=Path("eval/results"), help="folder for bench_<preset>.*")
     a = ap.parse_args(argv)
     bp = PRESETS[a.preset]
+    from dataclasses import replace
     if a.repeats:
-        from dataclasses import replace
         bp = replace(bp, repeats=a.repeats)
+    if a.models:
+        bp = replace(bp, models=tuple(m for m in bp.models if any(k in m.name for k in a.models)))
     import signal
 
     def stop(signum: int, frame: Any) -> None:
