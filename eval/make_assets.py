@@ -14,8 +14,14 @@ from pathlib import Path
 EXAMPLES_SEED = 30_000
 
 
+def to_pil(img):
+    from tokenprune.eval.synthetic.scenes import to_pil as convert
+
+    return convert(img)
+
+
 def make(out: Path, n: int = 4) -> None:
-    from tokenprune.eval.synthetic.scenes import render, to_pil
+    from tokenprune.eval.synthetic.scenes import render
     from tokenprune.eval.synthetic.splits import split
 
     samples = split(n, seed=EXAMPLES_SEED)
@@ -28,6 +34,24 @@ def make(out: Path, n: int = 4) -> None:
         meta.append({"image": f"examples/{path.name}", "question": s.question, "answer": s.answer})
     to_pil(imgs[0]).save(out / "demo.png")
     (out / "examples" / "examples.json").write_text(json.dumps(meta, indent=1))
+    make_clip(out)
+
+
+def make_clip(out: Path) -> dict[str, str]:
+    """A demo clip for ``tokenprune run --video`` (the embedded video model): the first clip of its
+    own split (seed 30_000) whose question asks which colour an object turns, as an 8-frame GIF."""
+    import numpy as np
+
+    from tokenprune.eval.synthetic.clips import clip_split, render_clips
+
+    s = next(c for c in clip_split(200, EXAMPLES_SEED) if c.qtype == "turns")
+    frames, _ = render_clips([s.clip])
+    ims = [to_pil(f) for f in frames[0]]
+    path = out / "examples" / "clip0.gif"
+    ims[0].save(path, save_all=True, append_images=ims[1:], duration=250, loop=0)
+    meta = {"video": f"examples/{path.name}", "question": s.question, "answer": s.answer}
+    (out / "examples" / "clips.json").write_text(json.dumps([meta], indent=1))
+    return meta
 
 
 if __name__ == "__main__":

@@ -176,9 +176,26 @@ def test_video_errors_are_clear(saved_models, tmp_path):
     gif = _gif(tmp_path / "clip.gif")
     bad = tmp_path / "bad.gif"
     bad.write_text("not a video")
-    for argv, msg in [(["run", "--video", str(gif)], "take no video input"),
+    for argv, msg in [(["run", "--model", str(DEFAULT_MODEL), "--video", str(gif)], "take no video input"),
                       (["run", "--model", str(saved_models / "qwen"), "--video", str(bad)], "cannot read"),
                       (["run", "--model", str(saved_models / "qwen"), "--video", str(tmp_path / "x.gif")], "not found")]:
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert msg in str(e.value)
+
+
+def test_run_video_uses_the_embedded_video_model(capsys):
+    """`run --video` without --model: the shipped tiny LLaVA-OneVision video model answers the demo
+    clip's question (unpruned and with HoliTom at 25%: exact budget + the newline)."""
+    from tokenprune.runner import ASSETS
+
+    meta = json.loads((ASSETS / "examples" / "clips.json").read_text())[0]
+    clip = str(ASSETS / meta["video"])
+    answers = []
+    for extra in (["--strategy", "none"], ["--strategy", "holitom", "--keep", "0.25"]):
+        assert main(["run", "--video", clip, "--prompt", meta["question"], "--compact", *extra]) == 0
+        report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert report["model"].endswith("tiny-ov-video")
+        answers.append(report["answer"].split()[0])
+    assert report["visual_tokens_kept"] == round(0.25 * 512) + 1
+    assert answers == [meta["answer"]] * 2

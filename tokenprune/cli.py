@@ -55,9 +55,12 @@ def _budget(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def _runner(a: argparse.Namespace):
-    from tokenprune.runner import Runner
+    from tokenprune.runner import DEFAULT_VIDEO_MODEL, Runner
 
-    return Runner(a.model, device=a.device, dtype=a.dtype)
+    model = a.model
+    if model is None and getattr(a, "video", None):   # the embedded video model for a video input
+        model = DEFAULT_VIDEO_MODEL
+    return Runner(model, device=a.device, dtype=a.dtype)
 
 
 def cmd_run(a: argparse.Namespace) -> int:
@@ -158,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--port-file", help="write the port chosen here (for scripts)")
     sub.add_parser("list", help="list strategies and model families")
     sub.add_parser("bench", help="speed/memory benchmark: pruned vs unpruned vs ideal (see --help)", add_help=False)
-    sub.add_parser("fidelity", help="accuracy vs tokens kept on the tiny VQA model (see --help)", add_help=False)
+    sub.add_parser("fidelity", help="accuracy vs tokens kept on the tiny VQA model (--video: the video model; see --help)", add_help=False)
     sub.add_parser("sweep", help="strategies x budgets through lmms-eval (needs [eval]; see --help)", add_help=False)
     a, rest = ap.parse_known_args(argv)
     if a.cmd == "sweep":
@@ -172,7 +175,11 @@ def main(argv: list[str] | None = None) -> int:
         bench_main(rest)
         return 0
     if a.cmd == "fidelity":
-        from tokenprune.eval.synthetic.fidelity import main as fidelity_main
+        if "--video" in rest:   # the video model and its strategies (HoliTom)
+            from tokenprune.eval.synthetic.fidelity_video import main as fidelity_main
+            rest = [x for x in rest if x != "--video"]
+        else:
+            from tokenprune.eval.synthetic.fidelity import main as fidelity_main
 
         fidelity_main(rest)
         return 0

@@ -19,6 +19,7 @@ from .visualize import anyres_overlay, merged_patch_boxes, overlay, token_boxes,
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DEFAULT_MODEL = ASSETS / "tiny-llava-vqa"
+DEFAULT_VIDEO_MODEL = ASSETS / "tiny-ov-video"     # `run --video` without --model
 DEFAULT_IMAGE = ASSETS / "demo.png"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -15,6 +15,7 @@ def to_markdown(res: dict[str, Any]) -> str:
     lines = [f"Machine: **{res['machine']}**; torch {res['torch']}, transformers {res['transformers']}; "
              f"preset `{res.get('preset', '?')}`; medians of {res['repeats']} after {res['warmup']} warm-up; "
              "random weights (timing does not depend on them).", "",
+             *[line for n in res.get("notes", []) for line in (f"Note: {n}", "")],
              "TTFT = one forward over the prompt to the first logits. *ideal* = the unpatched model fed only "
              "the kept visual tokens. *overhead* = (pruned − ideal) / unpruned TTFT.", "",
              "| model | bs | strategy | kept/in | TTFT ms pruned | unpruned | ideal | pruned/unpruned | "

@@ -1,0 +1,210 @@
+"""Video fidelity benchmark: answer accuracy of the video strategies vs visual tokens kept, on the
+trained tiny LLaVA-OneVision video model loaded with ``from_pretrained`` and fed through its real
+processor (8-frame synthetic clips: an object moves, appears or changes colour).
+
+    tokenprune fidelity --video [--model assets/tiny-ov-video] [--n 300] [--out eval/results]
+
+Rows: HoliTom (outer + inner merge "M"), HoliTom w/o M (outer stage only), and the image strategies
+applied per frame / to the whole video as the engine does for videos (HiPrune, VisionZip per frame;
+FastV inside the LLM; random; pooling). The budget is one per video (frames x 64 pooled tokens);
+the trailing newline token is structure and always kept.
+
+Second metric, deterministic: *event recall* = share of the pooled tokens that change between
+frames (the tokens an answer about the event needs; static background repeats in every frame) that
+a strategy keeps, or merges into a kept token *at the same cell* of another frame (HoliTom's static
+tokens: a cell that changed once and then stays the same is one token over its window). Spatial
+merges get no credit: pooling or VisionZip's contextual tokens average every dropped token into a
+kept one, which would make the metric 100% for them.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import tokenprune
+from tokenprune.runner import user_prompt
+
+from ..results_io import save_results
+from .clips import FRAMES, ClipSample, clip_split, render_clips
+
+KEEPS = (1.0, 0.5, 0.333, 0.222, 0.111, 0.056)
+#: (row name, strategy, extra params)
+STRATEGIES: tuple[tuple[str, str, dict[str, Any]], ...] = (
+    ("holitom", "holitom", {}),
+    ("holitom w/o M", "holitom", {"inner_merge": False}),
+    ("hiprune", "hiprune", {}),
+    ("visionzip", "visionzip", {}),
+    ("fastv", "fastv", {}),
+    ("random", "random", {}),
+    ("pool", "pool", {}),
+)
+TEST_SEED = 20_000
+FLOORS_N = 100          # clips of the CI regression test (tests/test_fidelity_video.py)
+
+
+def default_model() -> Path:
+    """The shipped video model, ``assets/tiny-ov-video``."""
+    from tokenprune.runner import ASSETS
+
+    return ASSETS / "tiny-ov-video"
+
+
+def load(path: str | Path | None = None):
+    from transformers import AutoProcessor, LlavaOnevisionForConditionalGeneration
+
+    path = path or default_model()
+    model = LlavaOnevisionForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    return model, AutoProcessor.from_pretrained(path)
+
+
+def _changed_tokens(frames: torch.Tensor, pooled: int) -> torch.Tensor:
+    """[F, 3, H, W] frames -> [F * pooled^2] True where the pooled cell differs from frame 0 or
+    from the previous frame (the event's tokens)."""
+    cells = torch.nn.functional.adaptive_avg_pool2d(frames, pooled)          # [F, 3, p, p]
+    prev = torch.cat([cells[:1], cells[:-1]])
+    moved = ((cells - prev).abs().amax(1) > 1e-3) | ((cells - cells[:1]).abs().amax(1) > 1e-3)
+    return moved.flatten()
+
+
+def kept_in_place(kept: torch.Tensor, groups: torch.Tensor | None, n: int, cells: int) -> torch.Tensor:
+    """[n] True for the video tokens a selection keeps, or merges into a kept token at the same
+    cell of another frame (temporal merging, HoliTom's static tokens: the content is still there).
+    Spatial merges (pooling, VisionZip's contextual tokens, DPC-KNN clusters) get no credit.
+    kept: indices into the run (newline last); groups: [run] index into ``kept`` or -1."""
+    out = torch.zeros(n + 1, dtype=torch.bool)
+    out[kept] = True
+    if groups is not None:
+        pos = torch.arange(groups.numel())
+        merged = groups >= 0
+        rep = kept[groups.clamp(min=0)]
+        out[: groups.numel()] |= merged & (rep % cells == pos % cells)
+    return out[:n]
+
+
+def prepare(processor: Any, samples: list[ClipSample], pooled: int) -> dict[str, Any]:
+    """Processor inputs of every clip (left-padded), answer token ids, changed-token masks."""
+    frames, _ = render_clips([s.clip for s in samples])
+    arrs = [(f.permute(0, 2, 3, 1) * 255).round().byte().numpy() for f in frames]
+    texts = [user_prompt(processor, s.question, n_images=0, n_videos=1) for s in samples]
+    enc = processor(text=texts, videos=arrs, return_tensors="pt", padding=True)
+    answers = torch.tensor([processor.tokenizer(s.answer).input_ids[0] for s in samples])
+    return {"inputs": enc, "answers": answers, "types": [s.qtype for s in samples],
+            "changed": [_changed_tokens(f, pooled) for f in frames], "cells": pooled * pooled}
+
+
+@torch.no_grad()
+def predict(model: Any, data: dict[str, Any], batch: int = 16, handle: Any = None) -> tuple[torch.Tensor, float]:
+    """Greedy first answer token per clip; event recall (:func:`kept_in_place`)."""
+    enc, preds, recall = data["inputs"], [], []
+    n = enc["input_ids"].shape[0]
+    for s in range(0, n, batch):
+        part = {k: v[s:s + batch] for k, v in enc.items()}
+        preds.append(model(**part, logits_to_keep=1).logits[:, -1].argmax(-1))
+        if handle is not None and handle.last_stats is not None:
+            st = handle.last_stats
+            for i, row in enumerate(st.kept_indices):
+                changed = data["changed"][s + i]
+                covered = kept_in_place(row[0], st.merge_groups[i][0] if st.merge_groups and st.merge_groups[i]
+                                        else None, changed.numel(), data["cells"])
+                recall.append((covered & changed).sum().item() / max(1, changed.sum().item()))
+    return torch.cat(preds), (float(np.mean(recall)) if recall else float("nan"))
+
+
+def run(model_path: str | Path | None = None, n: int = 300, strategies: tuple[str, ...] | None = None,
+        keeps: tuple[float, ...] = KEEPS) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    model, processor = load(model_path)
+    g = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    pooled = (g + 1) // 2
+    n_tok = FRAMES * pooled * pooled
+    data = prepare(processor, clip_split(n, TEST_SEED), pooled)
+    pred, _ = predict(model, data)
+    ok = pred == data["answers"]
+    types = sorted(set(data["types"]))
+    res: dict[str, Any] = {"model": str(model_path or default_model()), "n": n, "tokens": n_tok,
+                           "unpruned": ok.float().mean().item(),
+                           "unpruned_by_type": {t: ok[[x == t for x in data["types"]]].float().mean().item()
+                                                for t in types}, "rows": []}
+    rows = [r for r in STRATEGIES if strategies is None or r[0] in strategies]
+    for label, name, params in tqdm(rows, desc="video fidelity"):
+        for keep in keeps:
+            if keep >= 1.0:
+                res["rows"].append({"strategy": label, "keep": 1.0, "kept": n_tok, "accuracy": res["unpruned"],
+                                    "event_recall": 1.0, "by_type": res["unpruned_by_type"]})
+                continue
+            h = tokenprune.apply(model, name, keep=keep, **params)
+            try:
+                pred, rec = predict(model, data, handle=h)
+                kept = int(h.last_stats.visual_tokens_kept[0]) - 1      # the newline is structure
+            finally:
+                h.remove()
+            ok = pred == data["answers"]
+            res["rows"].append({"strategy": label, "keep": keep, "kept": kept,
+                                "accuracy": ok.float().mean().item(), "event_recall": rec,
+                                "by_type": {t: ok[[x == t for x in data["types"]]].float().mean().item()
+                                            for t in types}})
+    return res
+
+
+def to_markdown(res: dict[str, Any]) -> str:
+    keeps = sorted({r["keep"] for r in res["rows"]}, reverse=True)
+    kept = {r["keep"]: r["kept"] for r in res["rows"]}
+    head = " | ".join(f"{k:g} ({kept[k]})" for k in keeps)
+    lines = [f"Model `{Path(res['model']).name}`; {res['n']} test clips; unpruned accuracy "
+             f"**{100 * res['unpruned']:.1f}%** (" + ", ".join(f"{t} {100 * v:.0f}%" for t, v in
+                                                             res["unpruned_by_type"].items()) + ").", "",
+             f"Accuracy (%) by keep ratio (video tokens kept of {res['tokens']}, newline not counted); "
+             "event recall (share of the changed tokens kept, or merged over time at their cell) in "
+             "brackets.", "",
+             f"| strategy | {head} |", "|---|" + "---|" * len(keeps)]
+    for name in dict.fromkeys(r["strategy"] for r in res["rows"]):
+        cells = []
+        for k in keeps:
+            r = next(x for x in res["rows"] if x["strategy"] == name and x["keep"] == k)
+            cells.append(f"{100 * r['accuracy']:.1f} ({100 * r['event_recall']:.0f})")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(res: dict[str, Any], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in dict.fromkeys(r["strategy"] for r in res["rows"]):
+        pts = sorted((r["kept"], 100 * r["accuracy"]) for r in res["rows"] if r["strategy"] == name)
+        ax.plot(*zip(*pts), marker="o", label=name)
+    ax.axhline(100 * res["unpruned"], color="grey", ls=":", label="unpruned")
+    ax.set(xscale="log", xlabel=f"video tokens kept (of {res['tokens']})", ylabel="accuracy %",
+           title=f"video fidelity on synthetic clips ({res['n']} questions)")
+    ticks = sorted({r["kept"] for r in res["rows"]})
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.minorticks_off()
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(prog="tokenprune fidelity --video", description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="a saved video model folder (default: assets/tiny-ov-video)")
+    ap.add_argument("--n", type=int, default=300)
+    ap.add_argument("--strategies", nargs="*", default=None, help=f"rows, of {[r[0] for r in STRATEGIES]}")
+    ap.add_argument("--out", type=Path, default=Path("eval/results"))
+    a = ap.parse_args(argv)
+    res = run(a.model, a.n, tuple(a.strategies) if a.strategies else None)
+    md = to_markdown(res)
+    print(md)
+    save_results(res, md, a.out, "fidelity_video", plot)
+    return res
+
+
+if __name__ == "__main__":
+    main()
