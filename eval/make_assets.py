@@ -40,13 +40,17 @@ def make(out: Path, n: int = 4) -> None:
 def make_clip(out: Path) -> dict[str, str]:
     """A demo clip for ``tokenprune run --video`` (the embedded video model): the first clip of its
     own split (seed 30_000) whose question asks which colour an object turns, as an 8-frame GIF."""
-    import numpy as np
+    import torch
 
     from tokenprune.eval.synthetic.clips import clip_split, render_clips
 
     s = next(c for c in clip_split(200, EXAMPLES_SEED) if c.qtype == "turns")
     frames, _ = render_clips([s.clip])
-    ims = [to_pil(f) for f in frames[0]]
+    frames = frames[0].clone()
+    # GIF writers merge identical consecutive frames (a static stretch of the clip would lose
+    # frames): one corner pixel steps by 1/255 per frame to keep all 8
+    frames[:, :, 0, 0] = (frames[:, :, 0, 0] + torch.arange(len(frames))[:, None] / 255).clamp(0, 1)
+    ims = [to_pil(f) for f in frames]
     path = out / "examples" / "clip0.gif"
     ims[0].save(path, save_all=True, append_images=ims[1:], duration=250, loop=0)
     meta = {"video": f"examples/{path.name}", "question": s.question, "answer": s.answer}
