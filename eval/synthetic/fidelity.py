@@ -89,25 +89,36 @@ def run(model_path: str | Path = DEFAULT_MODEL, n: int = 1000, strategies: tuple
     return res
 
 
-def to_markdown(res: dict[str, Any]) -> str:
+def table(res: dict[str, Any], header: str, metric: str = "object_recall") -> str:
+    """Markdown: one line of ``header`` (summary), then accuracy (%) per strategy x keep ratio with
+    ``metric`` (a share) in brackets."""
     keeps = sorted({r["keep"] for r in res["rows"]}, reverse=True)
     kept = {r["keep"]: r["kept"] for r in res["rows"]}
     head = " | ".join(f"{k:g} ({kept[k]})" for k in keeps)
-    lines = [f"Model `{Path(res['model']).name}`; {res['n']} test questions; unpruned accuracy "
-             f"**{100 * res['unpruned']:.1f}%** (" + ", ".join(f"{t} {100 * v:.0f}%" for t, v in
-                                                             res["unpruned_by_type"].items()) + ").", "",
-             "Accuracy (%) by keep ratio (tokens kept of " + str(res["tokens"]) + "); object recall in brackets.", "",
-             f"| strategy | {head} |", "|---|" + "---|" * len(keeps)]
+    lines = [header, "", f"| strategy | {head} |", "|---|" + "---|" * len(keeps)]
     for name in dict.fromkeys(r["strategy"] for r in res["rows"]):
         cells = []
         for k in keeps:
             r = next(x for x in res["rows"] if x["strategy"] == name and x["keep"] == k)
-            cells.append(f"{100 * r['accuracy']:.1f} ({100 * r['object_recall']:.0f})")
+            cells.append(f"{100 * r['accuracy']:.1f} ({100 * r[metric]:.0f})")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def plot(res: dict[str, Any], path: Path) -> None:
+def summary(res: dict[str, Any], what: str) -> str:
+    """"Model `x`; n <what>; unpruned accuracy **a%** (per type)."."""
+    return (f"Model `{Path(res['model']).name}`; {res['n']} {what}; unpruned accuracy "
+            f"**{100 * res['unpruned']:.1f}%** (" + ", ".join(f"{t} {100 * v:.0f}%" for t, v in
+                                                        res["unpruned_by_type"].items()) + ").")
+
+
+def to_markdown(res: dict[str, Any]) -> str:
+    return table(res, summary(res, "test questions") + "\n\nAccuracy (%) by keep ratio (tokens kept of "
+                 f"{res['tokens']}); object recall in brackets.")
+
+
+def accuracy_plot(res: dict[str, Any], path: Path, xlabel: str, title: str) -> None:
+    """Accuracy vs tokens kept (log x), one line per strategy, the unpruned accuracy dotted."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -117,8 +128,7 @@ def plot(res: dict[str, Any], path: Path) -> None:
         pts = sorted((r["kept"], 100 * r["accuracy"]) for r in res["rows"] if r["strategy"] == name)
         ax.plot(*zip(*pts), marker="o", label=name)
     ax.axhline(100 * res["unpruned"], color="grey", ls=":", label="unpruned")
-    ax.set(xscale="log", xlabel=f"visual tokens kept (of {res['tokens']})", ylabel="accuracy %",
-           title=f"fidelity on synthetic VQA ({res['n']} questions)")
+    ax.set(xscale="log", xlabel=xlabel, ylabel="accuracy %", title=title)
     ticks = sorted({r["kept"] for r in res["rows"]})
     ax.set_xticks(ticks, [str(t) for t in ticks])
     ax.minorticks_off()
@@ -126,6 +136,11 @@ def plot(res: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def plot(res: dict[str, Any], path: Path) -> None:
+    accuracy_plot(res, path, f"visual tokens kept (of {res['tokens']})",
+                  f"fidelity on synthetic VQA ({res['n']} questions)")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

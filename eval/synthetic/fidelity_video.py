@@ -30,6 +30,7 @@ from tokenprune.runner import user_prompt
 
 from ..results_io import save_results
 from .clips import FRAMES, ClipSample, clip_split, render_clips
+from .fidelity import accuracy_plot, summary, table
 
 KEEPS = (1.0, 0.5, 0.333, 0.222, 0.111, 0.056)
 #: (row name, strategy, extra params)
@@ -152,44 +153,14 @@ def run(model_path: str | Path | None = None, n: int = 300, strategies: tuple[st
 
 
 def to_markdown(res: dict[str, Any]) -> str:
-    keeps = sorted({r["keep"] for r in res["rows"]}, reverse=True)
-    kept = {r["keep"]: r["kept"] for r in res["rows"]}
-    head = " | ".join(f"{k:g} ({kept[k]})" for k in keeps)
-    lines = [f"Model `{Path(res['model']).name}`; {res['n']} test clips; unpruned accuracy "
-             f"**{100 * res['unpruned']:.1f}%** (" + ", ".join(f"{t} {100 * v:.0f}%" for t, v in
-                                                             res["unpruned_by_type"].items()) + ").", "",
-             f"Accuracy (%) by keep ratio (video tokens kept of {res['tokens']}, newline not counted); "
-             "event recall (share of the changed tokens kept, or merged over time at their cell) in "
-             "brackets.", "",
-             f"| strategy | {head} |", "|---|" + "---|" * len(keeps)]
-    for name in dict.fromkeys(r["strategy"] for r in res["rows"]):
-        cells = []
-        for k in keeps:
-            r = next(x for x in res["rows"] if x["strategy"] == name and x["keep"] == k)
-            cells.append(f"{100 * r['accuracy']:.1f} ({100 * r['event_recall']:.0f})")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return table(res, summary(res, "test clips") + "\n\nAccuracy (%) by keep ratio (video tokens kept of "
+                 f"{res['tokens']}, newline not counted); event recall (share of the changed tokens kept, or "
+                 "merged over time at their cell) in brackets.", metric="event_recall")
 
 
 def plot(res: dict[str, Any], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name in dict.fromkeys(r["strategy"] for r in res["rows"]):
-        pts = sorted((r["kept"], 100 * r["accuracy"]) for r in res["rows"] if r["strategy"] == name)
-        ax.plot(*zip(*pts), marker="o", label=name)
-    ax.axhline(100 * res["unpruned"], color="grey", ls=":", label="unpruned")
-    ax.set(xscale="log", xlabel=f"video tokens kept (of {res['tokens']})", ylabel="accuracy %",
-           title=f"video fidelity on synthetic clips ({res['n']} questions)")
-    ticks = sorted({r["kept"] for r in res["rows"]})
-    ax.set_xticks(ticks, [str(t) for t in ticks])
-    ax.minorticks_off()
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    accuracy_plot(res, path, f"video tokens kept (of {res['tokens']})",
+                  f"video fidelity on synthetic clips ({res['n']} questions)")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
