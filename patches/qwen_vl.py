@@ -35,6 +35,7 @@ from tokenprune.attention import vision_reductions
 from tokenprune.errors import UnsupportedCallError, UnsupportedModelError
 from tokenprune.family import Family, ImageLayout, ScratchFn, StoreFn, Unit
 from tokenprune.registry import register_family
+from tokenprune.sequence import take
 from tokenprune.stats import LayerDims
 from tokenprune.strategies.base import LLMInfo, VisionInfo
 
@@ -244,8 +245,6 @@ class Qwen3VLFamily(QwenVLFamily):
 
     def prune_lm_kwargs(self, new: dict[str, Any], kwargs: dict[str, Any], keep: torch.Tensor,
                         idx: torch.Tensor) -> None:
-        from tokenprune.engine import take
-
         vpm = kwargs.get("visual_pos_masks")
         if vpm is None:
             return

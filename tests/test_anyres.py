@@ -167,7 +167,7 @@ def score_maps(model, inp, modality, scores):
 
 def expected(handle, model, inp):
     """Per run: (kept positions in the run, {position: merged feature})."""
-    from tokenprune.engine import split_budget
+    from tokenprune.sequence import split_budget
     from tokenprune.strategies.base import VisualTokens
 
     info = handle.family.vision_info

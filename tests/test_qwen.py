@@ -102,7 +102,7 @@ def row_map(pooled, merged):
 
 def expected(handle, model, inp, n_layers_split=None):
     """Per image / video: (kept indices, merged features or None) from the reference scores."""
-    from tokenprune.engine import split_budget
+    from tokenprune.sequence import split_budget
     from tokenprune.strategies.base import VisualTokens
 
     scores, feats = recorded_vision(model, inp)

@@ -5,7 +5,10 @@ decoder layer's hidden states, rotary cos/sin, position ids and masks.
 Where selection happens is the family's choice: on the projector input (LLaVA-1.5), on the merger
 output (Qwen), or at the LLM input in the packed placeholder layout (LLaVA-NeXT / OneVision,
 ``select_at_lm``); the budget of every image is split over its selection units (frame groups,
-base crop and canvas). A vision-stage strategy may be stacked with an inner-LLM one.
+base crop and canvas). A vision-stage strategy may be stacked with an inner-LLM one; the
+inner-LLM stage's hooks live in :mod:`tokenprune.inner` (a mixin of the handle), the pure
+sequence helpers (gather with padding, ghost-key masks, budget splits) in :mod:`tokenprune.sequence`,
+the state dataclasses in :mod:`tokenprune.state`.
 
 Per-call state lives in a ``ContextVar`` (one per handle), so two threads calling the same
 patched model never see each other's tensors. State that must outlive one forward call (what
@@ -18,88 +21,19 @@ import contextvars
 import threading
 import time
 import weakref
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from .attention import last_row_attention
 from .config import PruneConfig
 from .errors import ConfigError, UnsupportedCallError
 from .family import Family, ImageLayout, Unit
+from .inner import InnerLLMStage
+from .sequence import cache_of, left_packed_index, seq_len, split_budget, take, take_positions
+from .state import CallState, Encoded, ImageSel, PruneRecord, Span, VisionCall
 from .stats import PruneStats, layer_flops
 from .strategies.base import Selection, StrategySpec, VisualTokens
-
-
-# ----------------------------------------------------------------------------------------------
-# sequence helpers
-# ----------------------------------------------------------------------------------------------
-
-def take(x: torch.Tensor, idx: torch.Tensor, dim: int, fill: Any = 0) -> torch.Tensor:
-    """Gather along ``dim`` with a per-row index ``idx`` [B, L'] (-1 = padding, filled with ``fill``).
-
-    ``x`` has its batch at dim 0 (size B or 1, broadcast).
-    """
-    b, n = idx.shape
-    dim = dim % x.dim()
-    if x.shape[0] != b:
-        x = x.expand(b, *x.shape[1:])
-    view = [1] * x.dim()
-    view[0], view[dim] = b, n
-    target = list(x.shape)
-    target[dim] = n
-    gidx = idx.clamp(min=0).to(x.device).view(view).expand(target)
-    out = torch.gather(x, dim, gidx)
-    pad = idx < 0
-    if bool(pad.any()):
-        out = out.masked_fill(pad.to(x.device).view(view).expand(target), fill)
-    return out
-
-
-def take_positions(pos: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Position ids [B, L] or [R, B, L] (M-RoPE rows) gathered along the sequence (pads -> 1)."""
-    if pos.dim() == 3:
-        return take(pos.transpose(0, 1), idx, 2, 1).transpose(0, 1)
-    return take(pos, idx, 1, 1)
-
-
-def left_packed_index(keep: torch.Tensor) -> torch.Tensor:
-    """keep [B, L] bool -> idx [B, max kept] of kept positions per row, left-padded with -1."""
-    counts = keep.sum(dim=1)
-    width = int(counts.max())
-    rows = []
-    for r in range(keep.shape[0]):
-        pos = torch.nonzero(keep[r]).flatten()
-        rows.append(torch.cat([torch.full((width - pos.numel(),), -1, dtype=torch.long, device=keep.device), pos]))
-    return torch.stack(rows)
-
-
-def _min_value(mask: torch.Tensor) -> Any:
-    return False if mask.dtype == torch.bool else torch.finfo(mask.dtype).min
-
-
-def _mask_keys(mask: torch.Tensor, ghost: torch.Tensor, n_keys: int) -> torch.Tensor:
-    """Hide ghost keys (first ``n_keys`` key columns) of a 2D [B, K] or 4D [B, h, Q, K] mask;
-    a ghost query still sees itself (so no softmax row is empty)."""
-    g = torch.zeros(mask.shape[0], mask.shape[-1], dtype=torch.bool, device=mask.device)
-    g[:, :n_keys] = ghost.to(mask.device)
-    if mask.dim() == 2:
-        return mask.masked_fill(g, 0)
-    hide = g[:, None, None, :].expand(mask.shape[0], 1, mask.shape[-2], mask.shape[-1])
-    if mask.shape[-2] == n_keys:  # prefill: keep the diagonal
-        hide = hide & ~torch.eye(n_keys, dtype=torch.bool, device=mask.device)
-    return mask.masked_fill(hide, _min_value(mask))
-
-
-def _cache_of(kwargs: dict[str, Any]) -> Any:
-    cache = kwargs.get("cache")
-    return cache if cache is not None else kwargs.get("past_key_values")
-
-
-def _seq_len(cache: Any, layer: int = 0) -> int:
-    return int(cache.get_seq_length(layer)) if cache is not None else 0
-
 
 #: encodings kept waiting for their forward call (bounds memory if a user encodes and never calls)
 MAX_PENDING = 8
@@ -118,118 +52,11 @@ def _find_encoding(encoded: list["Encoded"], f: torch.Tensor) -> tuple["Encoded"
     return None
 
 
-def split_budget(total: int, sizes: list[int], weights: list[float] | None = None) -> list[int]:
-    """Split ``total`` kept tokens over units of ``sizes`` tokens in proportion to ``weights``
-    (default: evenly), largest remainder first (ties: the earlier unit); a unit never gets more than
-    it has, the excess moves on to the others. Sums to ``min(total, sum(sizes))``."""
-    w = [1.0] * len(sizes) if weights is None else [float(x) for x in weights]
-    out = [0] * len(sizes)
-    left, open_units = min(total, sum(sizes)), [i for i in range(len(sizes)) if sizes[i] > 0]
-    while left > 0 and open_units:
-        wsum = sum(w[i] for i in open_units) or float(len(open_units))
-        exact = {i: left * (w[i] if wsum else 1.0) / wsum for i in open_units}
-        give = {i: min(sizes[i] - out[i], int(exact[i])) for i in open_units}
-        rest = left - sum(give.values())
-        for i in sorted(open_units, key=lambda i: (-(exact[i] - int(exact[i])), i)):
-            if rest <= 0:
-                break
-            if give[i] < sizes[i] - out[i]:
-                give[i] += 1
-                rest -= 1
-        for i in open_units:
-            out[i] += give[i]
-            left -= give[i]
-        open_units = [i for i in open_units if out[i] < sizes[i]]
-        if rest > 0 and not any(give.values()):
-            break
-    return out
-
-
-# ----------------------------------------------------------------------------------------------
-# state
-# ----------------------------------------------------------------------------------------------
-
-@dataclass
-class PruneRecord:
-    """What a prefill kept; outlives the call, keyed by its KV cache, used on decode steps."""
-
-    full_len: int                          # LLM input length before pruning
-    idx: torch.Tensor | None = None        # [B, L'] input-level gather index (-1 = new padding)
-    dropped: torch.Tensor | None = None    # [B] visual tokens dropped per row (compact positions)
-    compact: bool = False
-    layer: int | None = None               # inner-LLM: first layer that sees the kept tokens
-    inner_len: int = 0                     # inner-LLM: sequence length at the LLM input
-    idx_k: torch.Tensor | None = None      # [B, L_K] kept positions at layer K
-    ghost: torch.Tensor | None = None      # [B, L_K] True where a token only pads a row (masked key)
-
-
-@dataclass
-class ImageSel:
-    """What was selected for one image (or video): ``keep`` [n_tokens] over its placeholder run
-    (prefix included); ``groups`` (merging strategies) as :attr:`PruneStats.merge_groups`."""
-
-    keep: torch.Tensor
-    groups: torch.Tensor | None = None
-
-
-@dataclass
-class Span:
-    """One image's (or video's) placeholder run in the LLM input: batch row and columns."""
-
-    row: int
-    cols: torch.Tensor
-    modality: str
-
-
-@dataclass
-class VisionCall:
-    """State of one vision-encoder + projector pass (may run before the forward that uses it:
-    transformers 5.24's ``generate`` encodes images first and passes ``mm_encoder_outputs``)."""
-
-    meta: Any = None
-    scratch: dict[Any, Any] = field(default_factory=dict)   # the family's captured tensors
-    scores: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
-    images: list[ImageSel] | None = None
-    layouts: list[ImageLayout] | None = None
-    seconds: float = 0.0
-
-
-@dataclass
-class Encoded:
-    """A projector output and the selections made for its images, waiting to be scattered."""
-
-    outputs: list[torch.Tensor]            # per image: its rows of the projector output
-    images: list[ImageSel]
-    seconds: float
-    seq: int                               # increasing per handle: orders encodings and calls
-    raw: Any = None                        # select-at-LLM families: (scores, projector output)
-
-
-@dataclass
-class CallState:
-    visual: torch.Tensor | None = None                     # [B, L] placeholder mask (all modalities)
-    spans: list[Span] = field(default_factory=list)        # images then videos, encoder order
-    images: list[int] = field(default_factory=list)        # batch row of each span
-    encoded_mark: int = 0                                  # first encoding seq of this call
-    given: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # pre-encoded features
-    from_forward: list[str] = field(default_factory=list)  # modalities encoded inside this call
-    vision_segments: list[int] = field(default_factory=list)
-    caller_positions: bool = True                          # position_ids came from the caller
-    full_len: int = 0                                      # prompt length before any pruning
-    qk: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
-    seconds: float = 0.0
-    stats: PruneStats | None = None
-    pending: PruneRecord | None = None
-    record: PruneRecord | None = None       # the record layers must follow in this call
-    fastv: dict[str, Any] | None = None
-    memo: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-
-
 # ----------------------------------------------------------------------------------------------
 # handle
 # ----------------------------------------------------------------------------------------------
 
-class PruneHandle:
+class PruneHandle(InnerLLMStage):
     """A strategy installed on one model. ``last_stats``, ``remove()``, context manager.
 
     At most one vision-stage strategy (``vspec``: selects before the LLM) and one inner-LLM
@@ -661,14 +488,14 @@ class PruneHandle:
         if state is None:  # language model called directly
             state = CallState()
             self._state.set(state)
-        cache = _cache_of(kwargs)
+        cache = cache_of(kwargs)
         record = self._records.get(cache) if cache is not None else None
         if state.visual is None:
             if record is None:
                 return None  # text-only call: pass-through
             state.record = record
             return args, self._decode_inputs(record, kwargs, cache, state.caller_positions)
-        if record is not None or _seq_len(cache) > 0:
+        if record is not None or seq_len(cache) > 0:
             raise UnsupportedCallError(
                 "pruning a prefill that continues a non-empty KV cache is not supported; "
                 "start a new generation for each prompt with images")
@@ -758,7 +585,7 @@ class PruneHandle:
         embeds = kwargs.get("inputs_embeds")
         q = embeds.shape[1] if embeds is not None else kwargs["input_ids"].shape[1]
         b = rec.idx.shape[0]
-        past = _seq_len(cache)
+        past = seq_len(cache)
         n_new = rec.idx.shape[1]
         mask = kwargs.get("attention_mask")
         if mask is not None:
@@ -801,209 +628,3 @@ class PruneHandle:
         k = 0 if split_layer is None else split_layer
         after = b * (k * layer_flops(length, ld, True) + (l_layers - k) * layer_flops(kept_len, ld, True))
         st.flops_before, st.flops_after = vision + full, vision + after
-
-    # -- llm stage (FastV-like): score at layer K-1, drop from layer K --------------------------
-    def _start_inner(self, state: CallState, kwargs: dict[str, Any], cache: Any):
-        if cache is not None and getattr(cache, "is_compileable", False):
-            raise UnsupportedCallError(
-                f"{self.lspec.name} drops tokens inside the LLM, which a static KV cache cannot hold; "
-                "use the default DynamicCache (do not pass cache_implementation='static')")
-        mask = kwargs.get("attention_mask")
-        b, length = state.visual.shape
-        if mask is not None and mask.dim() != 2:
-            raise UnsupportedCallError(f"{self.lspec.name} needs a 2D attention_mask (or none)")
-        valid = mask.bool() if mask is not None else torch.ones(b, length, dtype=torch.bool,
-                                                                device=state.visual.device)
-        last = length - 1 - torch.argmax(torch.flip(valid.long(), dims=[1]), dim=1)
-        state.fastv = {"valid": valid.to(state.visual.device), "last": last.to(state.visual.device),
-                       "length": length, "fixed": self.family.structural(state.spans, kwargs["inputs_embeds"])}
-        return None
-
-    def _llm_attn_pre(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        state = self._state.get()
-        if state is not None and state.fastv is not None and "idx" not in state.fastv:
-            state.fastv["rope"] = kwargs.get("position_embeddings")
-
-    def _llm_attn_post(self, la: Any):
-        def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            state = self._state.get()
-            if state is None or state.fastv is None or "idx" in state.fastv:
-                return
-            t0 = time.perf_counter()
-            self._select_inner(state, la)
-            state.seconds += time.perf_counter() - t0
-        return hook
-
-    def _select_inner(self, state: CallState, la: Any) -> None:
-        fv = state.fastv
-        k = self.llm_layer - 1
-        qk = state.qk.pop(k)
-        b, length = state.visual.shape
-        rows = torch.arange(b)
-        last = fv["last"].cpu()
-        q = qk["q"].reshape(b, length, la.num_heads, la.head_dim)[rows, last][:, None]  # [B, 1, H, d]
-        kk = qk["k"].reshape(b, length, la.num_kv_heads, la.head_dim).transpose(1, 2)   # [B, Hkv, L, d]
-        cos, sin = fv.pop("rope")
-        cos, sin = cos.expand(b, *cos.shape[1:]), sin.expand(b, *sin.shape[1:])
-        q = la.rotary(q.transpose(1, 2), cos[rows, last][:, None], sin[rows, last][:, None])
-        kk = la.rotary(kk, cos, sin)
-        dev = kk.device
-        valid = fv["valid"].to(dev) & (torch.arange(length, device=dev)[None] <= fv["last"].to(dev)[:, None])
-        row = last_row_attention(q, kk, la.scaling, valid)                      # [B, L]
-        visual = state.visual.to(dev)
-        keep = ~visual
-        p = self._prefix
-        for sp, fixed in zip(state.spans, fv["fixed"]):
-            span = sp.cols.to(dev)
-            if not self._inner_applies(sp):
-                keep[sp.row, span] = True
-                continue
-            cand = torch.ones(span.numel(), dtype=torch.bool, device=dev)
-            cand[:p] = False
-            cand[fixed.to(dev)] = False             # layout tokens: kept, not in the budget
-            content = span[cand]
-            n_keep = self.lconfig.tokens_for(content.numel() + p) - p   # a kept CLS prefix counts, as before the LLM
-            kept = self.lspec.select_llm(self.lconfig, row[sp.row, content], n_keep)
-            keep[sp.row, span[~cand]] = True
-            keep[sp.row, content[kept]] = True
-        if self.vspec is None:
-            self._fill_stats(state, keep, b)
-        else:  # stacked: stats describe the LLM input; the inner stage adds its own counts
-            st = state.stats
-            st.inner_tokens_kept = (visual & keep).sum(1).tolist()
-            st.inner_kept_indices = [[] for _ in range(b)]
-            for sp in state.spans:
-                st.inner_kept_indices[sp.row].append(torch.nonzero(keep[sp.row, sp.cols.to(dev)]).flatten().cpu())
-        fv["keep"] = keep
-        # rows must keep equal lengths: pad short rows with "ghost" tokens (dropped visual tokens
-        # that stay in the sequence but are hidden as keys from every query)
-        dropped = (visual & ~keep).sum(1)
-        extra = dropped - dropped.min()
-        ghost_full = torch.zeros_like(keep)
-        for r in range(b):
-            if int(extra[r]):
-                cand = torch.nonzero(visual[r] & ~keep[r]).flatten()[: int(extra[r])]
-                ghost_full[r, cand] = True
-        keep_k = keep | ghost_full
-        idx = left_packed_index(keep_k)
-        ghost = torch.gather(ghost_full, 1, idx) if bool(ghost_full.any()) else None
-        fv["idx"], fv["ghost"] = idx, ghost
-        self._fill_flops(state, length, idx.shape[1], b, split_layer=self.llm_layer)
-        if bool((visual & ~keep).any()):
-            rec = state.pending or PruneRecord(full_len=length)   # stacked: extend the input record
-            rec.inner_len, rec.layer, rec.idx_k, rec.ghost = length, self.llm_layer, idx, ghost
-            state.pending = rec
-            state.record = rec
-
-    def _layer_pre(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]):
-        state = self._state.get()
-        if state is None:
-            return None
-        rec = state.record
-        if rec is None or rec.idx_k is None:
-            return None
-        t0 = time.perf_counter()
-        new = dict(kwargs)
-        prefill = state.fastv is not None and state.fastv.get("idx") is rec.idx_k
-        if prefill:
-            idx = rec.idx_k
-            hidden = args[0] if args else kwargs["hidden_states"]
-            if hidden.shape[1] == rec.inner_len:  # layer K: later layers get the short output of K
-                if self.lspec.merge_llm is not None:
-                    hidden = self._merge_inner(state, hidden)
-                hidden = take(hidden, idx, 1, 0)
-                if args:
-                    args = (hidden,) + tuple(args[1:])
-                else:
-                    new["hidden_states"] = hidden
-            pe = kwargs.get("position_embeddings")
-            if pe is not None:
-                new["position_embeddings"] = tuple(self._memo(state, t, lambda x: take(x, idx, 1, 0)) for t in pe)
-            if kwargs.get("position_ids") is not None:
-                new["position_ids"] = self._memo(state, kwargs["position_ids"], lambda p: take_positions(p, idx))
-            new["attention_mask"] = self._inner_mask_prefill(state, rec, kwargs.get("attention_mask"))
-        else:
-            hidden = args[0] if args else kwargs["hidden_states"]
-            new["attention_mask"] = self._inner_mask_decode(state, rec, kwargs, hidden.shape[1])
-        state.seconds += time.perf_counter() - t0
-        return args, new
-
-    def _merge_inner(self, state: CallState, hidden: torch.Tensor) -> torch.Tensor:
-        """Merge each image's dropped tokens into its kept ones (HoliTom "M") before slicing at K."""
-        keep = state.fastv["keep"].to(hidden.device)
-        out = hidden.clone()
-        for sp, fixed in zip(state.spans, state.fastv["fixed"]):
-            if not self._inner_applies(sp):
-                continue
-            cand = torch.ones(sp.cols.numel(), dtype=torch.bool)
-            cand[: self._prefix] = False
-            cand[fixed] = False
-            r, grid = sp.row, sp.cols[cand].to(hidden.device)
-            kept = torch.nonzero(keep[r, grid]).flatten()
-            out[r, grid[kept]] = self.lspec.merge_llm(self.lconfig, hidden[r, grid], kept)  # type: ignore[misc]
-        return out
-
-    def _inner_applies(self, sp: Span) -> bool:
-        return self.inner_modalities is None or sp.modality in self.inner_modalities
-
-    def _follow_input_pruning(self, state: CallState) -> None:
-        """After input pruning, express the placeholder mask and the spans in the pruned sequence
-        (what the inner stage sees), keeping only the kept tokens of each span."""
-        rec = state.pending
-        if rec is None or rec.idx is None:
-            return
-        idx = rec.idx
-        b, n = idx.shape
-        inv = torch.full((b, state.visual.shape[1]), -1, dtype=torch.long, device=idx.device)
-        rows = torch.arange(b, device=idx.device)[:, None].expand(b, n)
-        valid = idx >= 0
-        inv[rows[valid], idx[valid]] = torch.arange(n, device=idx.device)[None].expand(b, n)[valid]
-        for sp in state.spans:
-            new = inv[sp.row, sp.cols.to(idx.device)]
-            sp.cols = new[new >= 0]
-        state.visual = take(state.visual, idx, 1, False)
-
-    def _memo(self, state: CallState, t: torch.Tensor, fn) -> torch.Tensor:
-        hit = state.memo.get(id(t))
-        if hit is not None and hit[0] is t:
-            return hit[1]
-        out = fn(t)
-        state.memo[id(t)] = (t, out)
-        return out
-
-    def _inner_mask_prefill(self, state: CallState, rec: PruneRecord, mask: Any) -> Any:
-        idx, ghost = rec.idx_k, rec.ghost
-        if mask is None:
-            if ghost is None:
-                return None  # causal, no padding: the kernel's own causal path stays valid
-
-            def causal(i: torch.Tensor) -> torch.Tensor:
-                n = i.shape[1]
-                m = torch.tril(torch.ones(n, n, dtype=torch.bool, device=i.device))
-                return _mask_keys(m[None, None].expand(i.shape[0], 1, n, n), ghost, n)
-            return self._memo(state, idx, causal)
-
-        def build(m: torch.Tensor) -> torch.Tensor:
-            if m.dim() == 2:
-                out = take(m, idx, 1, 0)
-            else:
-                fill = _min_value(m)
-                out = take(take(m, idx, 2, fill), idx, 3, fill)
-            return _mask_keys(out, ghost, idx.shape[1]) if ghost is not None else out
-        return self._memo(state, mask, build)
-
-    def _inner_mask_decode(self, state: CallState, rec: PruneRecord, kwargs: dict[str, Any], q: int) -> Any:
-        mask = kwargs.get("attention_mask")
-        idx, ghost, full = rec.idx_k, rec.ghost, rec.inner_len
-        if mask is None:
-            if ghost is None:
-                return None
-            kv = _seq_len(_cache_of(kwargs), rec.layer) + q
-            m = torch.ones(idx.shape[0], 1, q, kv, dtype=torch.bool, device=idx.device)
-            return _mask_keys(m, ghost, idx.shape[1])
-
-        def build(m: torch.Tensor) -> torch.Tensor:
-            fill = 0 if m.dim() == 2 else _min_value(m)
-            out = torch.cat([take(m[..., :full], idx, m.dim() - 1, fill), m[..., full:]], dim=-1)
-            return _mask_keys(out, ghost, idx.shape[1]) if ghost is not None else out
-        return self._memo(state, mask, build)

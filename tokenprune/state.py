@@ -1,0 +1,88 @@
+"""Per-call and per-generation state of the engine (plain dataclasses, no behaviour): what one
+vision call selected, the placeholder spans of a forward call, and the record of what the prefill
+kept that every decode step of that generation needs."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .family import ImageLayout
+from .stats import PruneStats
+
+
+@dataclass
+class PruneRecord:
+    """What a prefill kept; outlives the call, keyed by its KV cache, used on decode steps."""
+
+    full_len: int                          # LLM input length before pruning
+    idx: torch.Tensor | None = None        # [B, L'] input-level gather index (-1 = new padding)
+    dropped: torch.Tensor | None = None    # [B] visual tokens dropped per row (compact positions)
+    compact: bool = False
+    layer: int | None = None               # inner-LLM: first layer that sees the kept tokens
+    inner_len: int = 0                     # inner-LLM: sequence length at the LLM input
+    idx_k: torch.Tensor | None = None      # [B, L_K] kept positions at layer K
+    ghost: torch.Tensor | None = None      # [B, L_K] True where a token only pads a row (masked key)
+
+
+@dataclass
+class ImageSel:
+    """What was selected for one image (or video): ``keep`` [n_tokens] over its placeholder run
+    (prefix included); ``groups`` (merging strategies) as :attr:`PruneStats.merge_groups`."""
+
+    keep: torch.Tensor
+    groups: torch.Tensor | None = None
+
+
+@dataclass
+class Span:
+    """One image's (or video's) placeholder run in the LLM input: batch row and columns."""
+
+    row: int
+    cols: torch.Tensor
+    modality: str
+
+
+@dataclass
+class VisionCall:
+    """State of one vision-encoder + projector pass (may run before the forward that uses it:
+    transformers 5.24's ``generate`` encodes images first and passes ``mm_encoder_outputs``)."""
+
+    meta: Any = None
+    scratch: dict[Any, Any] = field(default_factory=dict)   # the family's captured tensors
+    scores: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
+    images: list[ImageSel] | None = None
+    layouts: list[ImageLayout] | None = None
+    seconds: float = 0.0
+
+
+@dataclass
+class Encoded:
+    """A projector output and the selections made for its images, waiting to be scattered."""
+
+    outputs: list[torch.Tensor]            # per image: its rows of the projector output
+    images: list[ImageSel]
+    seconds: float
+    seq: int                               # increasing per handle: orders encodings and calls
+    raw: Any = None                        # select-at-LLM families: (scores, projector output)
+
+
+@dataclass
+class CallState:
+    visual: torch.Tensor | None = None                     # [B, L] placeholder mask (all modalities)
+    spans: list[Span] = field(default_factory=list)        # images then videos, encoder order
+    images: list[int] = field(default_factory=list)        # batch row of each span
+    encoded_mark: int = 0                                  # first encoding seq of this call
+    given: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # pre-encoded features
+    from_forward: list[str] = field(default_factory=list)  # modalities encoded inside this call
+    vision_segments: list[int] = field(default_factory=list)
+    caller_positions: bool = True                          # position_ids came from the caller
+    full_len: int = 0                                      # prompt length before any pruning
+    qk: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+    seconds: float = 0.0
+    stats: PruneStats | None = None
+    pending: PruneRecord | None = None
+    record: PruneRecord | None = None       # the record layers must follow in this call
+    fastv: dict[str, Any] | None = None
+    memo: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
