@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import tokenprune
-from conftest import hook_snapshot
+from conftest import assert_batch_equals_singles, hook_snapshot
 from tokenprune.eval.tiny import (ANYRES_IDS, ANYRES_KINDS, anyres_inputs, build_anyres, build_anyres_processor,
                                   random_image, random_video)
 
@@ -331,17 +331,7 @@ def test_batch_of_different_sizes_equals_one_by_one(am, name):
     inp = dict(proc(text=texts, images=imgs, return_tensors="pt", padding=True))
     singles = [anyres_inputs(proc, images=[im]) for im in imgs]
     h = tokenprune.apply(model, name, keep=KEEP)
-    with torch.no_grad():
-        out = model(**inp).logits
-        gen = model.generate(**inp, max_new_tokens=3, min_new_tokens=3, do_sample=False)
-    st_b = h.last_stats
-    for r, s in enumerate(singles):
-        with torch.no_grad():
-            o = model(**s).logits
-            g = model.generate(**s, max_new_tokens=3, min_new_tokens=3, do_sample=False)
-        torch.testing.assert_close(out[r, -1], o[0, -1], atol=5e-5, rtol=1e-4)
-        assert torch.equal(gen[r, -3:], g[0, -3:])
-        assert all(torch.equal(a, b) for a, b in zip(st_b.kept_indices[r], h.last_stats.kept_indices[0]))
+    assert_batch_equals_singles(model, h, inp, singles)
 
 
 @pytest.mark.parametrize("name", VISION)
