@@ -330,6 +330,12 @@ def anyres_config(kind: str = "llava_next", *, vision_layers: int = 3, vision_hi
     raise ValueError(f"unknown anyres kind {kind!r}; one of {ANYRES_KINDS}")
 
 
+def ov_pooled_side(vision_config: Any) -> int:
+    """LLaVA-OneVision video: tokens a side of one frame after its 2x bilinear pooling (ceil(g / 2)
+    for g patches a side); a video is frames x side^2 tokens + one newline."""
+    return (vision_config.image_size // vision_config.patch_size + 1) // 2
+
+
 def build_anyres(kind: str = "llava_next", seed: int = 0, dtype: torch.dtype = torch.float32,
                  attn_implementation: str = "sdpa", **kw: Any):
     """A random tiny LLaVA-NeXT / OneVision of the real class, eval mode, vision attention sharpened."""

@@ -137,18 +137,19 @@ def reference_embeds(model, input_ids, px, sels=None, feats=None):
     return emb.masked_scatter(mask, proj.to(emb.dtype))
 
 
-def assert_batch_equals_singles(model, handle, batch: dict, singles: list[dict]):
-    """The patched model on a padded batch == on each row alone: last logits, 3 greedy tokens and
-    the kept indices of every image / video. Returns the batch's stats."""
+def assert_batch_equals_singles(model, handle, batch: dict, singles: list[dict], new_tokens: int = 3):
+    """The patched model on a padded batch == on each row alone: last logits, ``new_tokens`` greedy
+    tokens and the kept indices of every image / video. Returns the batch's stats."""
+    d = new_tokens
     with torch.no_grad():
         out = model(**batch).logits
-        gen = model.generate(**batch, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+        gen = model.generate(**batch, max_new_tokens=d, min_new_tokens=d, do_sample=False)
     st_b = handle.last_stats
     for r, s in enumerate(singles):
         with torch.no_grad():
             o = model(**s).logits
-            g = model.generate(**s, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+            g = model.generate(**s, max_new_tokens=d, min_new_tokens=d, do_sample=False)
         torch.testing.assert_close(out[r, -1], o[0, -1], atol=5e-5, rtol=1e-4)
-        assert torch.equal(gen[r, -3:], g[0, -3:])
+        assert torch.equal(gen[r, -d:], g[0, -d:])
         assert all(torch.equal(a, b) for a, b in zip(st_b.kept_indices[r], handle.last_stats.kept_indices[0]))
     return st_b

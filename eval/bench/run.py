@@ -81,12 +81,6 @@ def placeholder_id(mp: ModelPreset, family: Any) -> int:
     return int(family.video_token_id) if mp.video_frames else int(family.image_token_id)
 
 
-def _video_tokens(cfg: Any, frames: int) -> int:
-    """LLaVA-OneVision: frames x ceil(g / 2)^2 pooled tokens + one newline per video (g patches a side)."""
-    g = cfg.vision_config.image_size // cfg.vision_config.patch_size
-    return frames * ((g + 1) // 2) ** 2 + 1
-
-
 def _real_ids(ids: torch.Tensor, cfg: Any) -> torch.Tensor:
     """The tiny prompt builder's special ids (image / video pads, vision start / end) mapped to the
     config's own (a real-size Qwen config uses 151655, ...)."""
@@ -99,16 +93,26 @@ def _real_ids(ids: torch.Tensor, cfg: Any) -> torch.Tensor:
     return out
 
 
+def _llava_style(mp: ModelPreset, cfg: Any, n: int, token_id: int, batch: int, device: str,
+                 pixel_shape: tuple[int, ...], pixel_key: str) -> dict[str, torch.Tensor]:
+    """``batch`` equal rows: text around ``n`` placeholders of ``token_id``, random pixels
+    [batch, *pixel_shape] under ``pixel_key`` (LLaVA, LLaVA-NeXT / OneVision images and videos)."""
+    ids = prompt_ids(n, prefix=mp.text_tokens // 2, suffix=mp.text_tokens - mp.text_tokens // 2,
+                     image_token_id=token_id, vocab=min(cfg.text_config.vocab_size, 1024)).repeat(batch, 1)
+    px = torch.randn(batch, *pixel_shape, generator=torch.Generator().manual_seed(1))
+    ids = ids.to(device)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), pixel_key: px.to(device, mp.dtype)}
+
+
 def _inputs(mp: ModelPreset, model: Any, family: Any, batch: int, device: str) -> dict[str, torch.Tensor]:
     cfg = model.config
-    if mp.video_frames:   # LLaVA-OneVision video: one clip of F frames per row
-        size = cfg.vision_config.image_size
-        ids = prompt_ids(_video_tokens(cfg, mp.video_frames), prefix=mp.text_tokens // 2,
-                         suffix=mp.text_tokens - mp.text_tokens // 2, image_token_id=family.video_token_id,
-                         vocab=min(cfg.text_config.vocab_size, 1024)).repeat(batch, 1).to(device)
-        g = torch.Generator().manual_seed(1)
-        px = torch.randn(batch, mp.video_frames, 3, size, size, generator=g).to(device, mp.dtype)
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values_videos": px}
+    size = getattr(cfg.vision_config, "image_size", None)   # crop / frame side (not Qwen: any size)
+    if mp.video_frames:   # LLaVA-OneVision video: one clip of F frames per row, pooled, one newline
+        from ..tiny import ov_pooled_side
+
+        n = mp.video_frames * ov_pooled_side(cfg.vision_config) ** 2 + 1
+        return _llava_style(mp, cfg, n, family.video_token_id, batch, device, (mp.video_frames, 3, size, size),
+                            "pixel_values_videos")
     if mp.image is not None:   # Qwen: flat patches + grid_thw, one image per row
         from ..tiny import qwen_batch, qwen_inputs, qwen_prompt
 
@@ -121,29 +125,17 @@ def _inputs(mp: ModelPreset, model: Any, family: Any, batch: int, device: str) -
         inp = qwen_batch(family.name, [one] * batch)
         inp["input_ids"] = _real_ids(inp["input_ids"], cfg)
         return {k: (v.to(device, mp.dtype) if v.is_floating_point() else v.to(device)) for k, v in inp.items()}
-    n = family.tokens_per_image
-    vocab = min(cfg.text_config.vocab_size, 1024)
     if mp.anyres is not None:   # LLaVA-NeXT / OneVision: crops + image_sizes, count from the model's packing
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
-        size = cfg.vision_config.image_size
         crops = image_size_to_num_patches(image_size=list(mp.anyres), grid_pinpoints=cfg.image_grid_pinpoints,
                                           patch_size=size)
         sizes = torch.tensor([list(mp.anyres)] * batch)
         n = family._image_counts({"image_sizes": sizes[:1]})[0]
-        ids = prompt_ids(n, prefix=mp.text_tokens // 2, suffix=mp.text_tokens - mp.text_tokens // 2,
-                         image_token_id=family.image_token_id, vocab=vocab).repeat(batch, 1).to(device)
-        g = torch.Generator().manual_seed(1)
-        px = torch.randn(batch, crops, 3, size, size, generator=g).to(device, mp.dtype)
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": px,
-                "image_sizes": sizes.to(device)}
-    ids = prompt_ids(n, prefix=mp.text_tokens // 2, suffix=mp.text_tokens - mp.text_tokens // 2,
-                     image_token_id=family.image_token_id, vocab=vocab).repeat(batch, 1)
-    size = cfg.vision_config.image_size
-    g = torch.Generator().manual_seed(1)
-    px = torch.randn(batch, 3, size, size, generator=g).to(device, mp.dtype)
-    ids = ids.to(device)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": px}
+        out = _llava_style(mp, cfg, n, family.image_token_id, batch, device, (crops, 3, size, size), "pixel_values")
+        return {**out, "image_sizes": sizes.to(device)}
+    return _llava_style(mp, cfg, family.tokens_per_image, family.image_token_id, batch, device, (3, size, size),
+                        "pixel_values")
 
 
 def _cache(out: Any) -> Any:
@@ -227,10 +219,11 @@ class Bench:
 
         base = measure(decode=True)
         bar.update()
-        emb_full = core.get_input_embeddings()(ids)
-        if family.tokens_per_image is not None and not mp.video_frames:   # LLaVA: LLM embeddings by hand
-            emb_full = emb_full.masked_scatter((ids == family.image_token_id)[..., None],
-                                               _features(vision()).to(emb_full.dtype))
+        emb_full = None   # LLaVA images: the ideal feeds the LLM embeddings by hand; else it slices
+        if family.tokens_per_image is not None and not mp.video_frames:
+            emb = core.get_input_embeddings()(ids)
+            emb_full = emb.masked_scatter((ids == family.image_token_id)[..., None],
+                                          _features(vision()).to(emb.dtype))
         ideal_cache: dict[int, dict[str, Any]] = {}
         for budget in mp.budgets:
             for name in self.strategies_for(mp):
@@ -264,12 +257,13 @@ class Bench:
                 bar.update()
 
     @torch.no_grad()
-    def ideal(self, model: Any, family: Any, inputs: dict[str, torch.Tensor], emb_full: torch.Tensor,
+    def ideal(self, model: Any, family: Any, inputs: dict[str, torch.Tensor], emb_full: torch.Tensor | None,
               kept: list[list[torch.Tensor]], token_id: int) -> dict[str, Any]:
-        """The unpatched model fed only the kept visual tokens (compact positions, no scoring)."""
+        """The unpatched model fed only the kept visual tokens (compact positions, no scoring); by
+        hand from ``emb_full`` (LLaVA images), else by slicing the model's own LLM input."""
         core, ids = model.model, inputs["input_ids"]
         keep = _kept_mask(ids, token_id, kept)
-        if family.tokens_per_image is None or token_id != family.image_token_id:
+        if emb_full is None:
             return self.ideal_sliced(model, inputs, keep)
         b = ids.shape[0]
         emb_kept = emb_full[keep].reshape(b, -1, emb_full.shape[-1])

@@ -58,6 +58,11 @@ def predict(model: Any, data: dict[str, Any], batch: int = 64, handle: Any = Non
     return torch.cat(preds), (sum(recall) / len(recall) if recall else float("nan"))
 
 
+def by_type(ok: torch.Tensor, types: list[str]) -> dict[str, float]:
+    """Accuracy per question type: ok [N] bool, types [N] -> {type: share right} (types sorted)."""
+    return {t: ok[[x == t for x in types]].float().mean().item() for t in sorted(set(types))}
+
+
 def run(model_path: str | Path = DEFAULT_MODEL, n: int = 1000, strategies: tuple[str, ...] = STRATEGIES,
         keeps: tuple[float, ...] = KEEPS) -> dict[str, Any]:
     from tqdm import tqdm
@@ -68,10 +73,8 @@ def run(model_path: str | Path = DEFAULT_MODEL, n: int = 1000, strategies: tuple
     n_tok *= n_tok
     pred, _ = predict(model, data)
     ok = pred == data["answers"]
-    types = sorted(set(data["types"]))
     res: dict[str, Any] = {"model": str(model_path), "n": n, "tokens": n_tok, "unpruned": ok.float().mean().item(),
-                           "unpruned_by_type": {t: ok[[x == t for x in data["types"]]].float().mean().item()
-                                                for t in types}, "rows": []}
+                           "unpruned_by_type": by_type(ok, data["types"]), "rows": []}
     for name in tqdm(strategies, desc="fidelity"):
         for keep in keeps:
             if keep >= 1.0:

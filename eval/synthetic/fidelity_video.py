@@ -29,8 +29,9 @@ import tokenprune
 from tokenprune.runner import user_prompt
 
 from ..results_io import save_results
+from ..tiny import ov_pooled_side
 from .clips import FRAMES, ClipSample, clip_split, render_clips
-from .fidelity import accuracy_plot, summary, table
+from .fidelity import accuracy_plot, by_type, summary, table
 
 KEEPS = (1.0, 0.5, 0.333, 0.222, 0.111, 0.056)
 #: (row name, strategy, extra params)
@@ -120,17 +121,14 @@ def run(model_path: str | Path | None = None, n: int = 300, strategies: tuple[st
     from tqdm import tqdm
 
     model, processor = load(model_path)
-    g = model.config.vision_config.image_size // model.config.vision_config.patch_size
-    pooled = (g + 1) // 2
+    pooled = ov_pooled_side(model.config.vision_config)
     n_tok = FRAMES * pooled * pooled
     data = prepare(processor, clip_split(n, TEST_SEED), pooled)
     pred, _ = predict(model, data)
     ok = pred == data["answers"]
-    types = sorted(set(data["types"]))
     res: dict[str, Any] = {"model": str(model_path or default_model()), "n": n, "tokens": n_tok,
-                           "unpruned": ok.float().mean().item(),
-                           "unpruned_by_type": {t: ok[[x == t for x in data["types"]]].float().mean().item()
-                                                for t in types}, "rows": []}
+                           "unpruned": ok.float().mean().item(), "unpruned_by_type": by_type(ok, data["types"]),
+                           "rows": []}
     rows = [r for r in STRATEGIES if strategies is None or r[0] in strategies]
     for label, name, params in tqdm(rows, desc="video fidelity"):
         for keep in keeps:
@@ -147,8 +145,7 @@ def run(model_path: str | Path | None = None, n: int = 300, strategies: tuple[st
             ok = pred == data["answers"]
             res["rows"].append({"strategy": label, "keep": keep, "kept": kept,
                                 "accuracy": ok.float().mean().item(), "event_recall": rec,
-                                "by_type": {t: ok[[x == t for x in data["types"]]].float().mean().item()
-                                            for t in types}})
+                                "by_type": by_type(ok, data["types"])})
     return res
 
 
