@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One lent-GPU session (no internet there): the GPU speed preset and/or training the tiny VQA model.
-#   bash eval/gpu_session.sh bench|holitom|train|train-video OUT_DIR
+#   bash eval/gpu_session.sh bench|holitom|train|train-video|fidelity|fidelity-video OUT_DIR
 # Uses the machine's own torch/transformers; tokenprune is put on PYTHONPATH from a copy laid out as
 # the installed package (tokenprune/, tokenprune/patches, tokenprune/eval) so no pip is needed.
 set -uo pipefail
@@ -17,11 +17,15 @@ case "$what" in
            | tr '\r' '\n' | grep -v '^bench: .*it\]$' ;;
   holitom) timeout -s TERM "${BENCH_SECONDS:-120}" python3 -m tokenprune.eval.bench.holitom --preset gpu --out "$out" 2>&1 \
            | tr '\r' '\n' | grep -v 'it\]$' ;;
-  train-video) timeout -s TERM "${TRAIN_SECONDS:-340}" python3 -m tokenprune.eval.synthetic.train_video --device cuda \
+  train-video) timeout -s TERM "${TRAIN_SECONDS:-340}" python3 -m tokenprune.eval.synthetic.train_video --device "${DEVICE:-cuda}" \
            --out "$out/tiny-ov-video" --seconds-a "${SECONDS_A:-60}" --seconds-b "${SECONDS_B:-240}" --batch 64 \
            ${TRAIN_ARGS:-} 2>&1 \
            | tr '\r' '\n' | awk 'NR % 25 == 0 || !/it\/s|s\/it/' ;;
-  train) timeout -s TERM "${TRAIN_SECONDS:-340}" python3 -m tokenprune.eval.synthetic.train --device cuda ${TRAIN_ARGS:-} \
+  train) timeout -s TERM "${TRAIN_SECONDS:-340}" python3 -m tokenprune.eval.synthetic.train --device "${DEVICE:-cuda}" ${TRAIN_ARGS:-} \
            --out "$out/tiny-llava-vqa" --seconds-a "${SECONDS_A:-60}" --seconds-b "${SECONDS_B:-210}" --batch 256 2>&1 \
            | tr '\r' '\n' | awk 'NR % 25 == 0 || !/it\/s|s\/it/' ;;
+  fidelity) timeout -s TERM "${FIDELITY_SECONDS:-150}" python3 -m tokenprune.eval.synthetic.fidelity --out "$out" \
+           ${FIDELITY_ARGS:-} 2>&1 | tr '\r' '\n' | grep -v 'it\]$' ;;
+  fidelity-video) timeout -s TERM "${FIDELITY_SECONDS:-150}" python3 -m tokenprune.eval.synthetic.fidelity_video \
+           --out "$out" ${FIDELITY_ARGS:-} 2>&1 | tr '\r' '\n' | grep -v 'it\]$' ;;
 esac

@@ -144,3 +144,59 @@ def test_video_dropout_masks_only_video_tokens_and_keeps_newline():
             assert m[r, pos[0]] == 1 and m[r, pos[-1]] == 1           # first token and newline kept
             fracs.append(m[r, pos].float().mean().item())
     assert min(fracs) < 0.5 and max(fracs) == 1.0
+
+
+def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to(torch.float16).clone() for k, v in module.state_dict().items()}
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_image_training_freezes_tower_and_warm_starts_llm(tmp_path):
+    """--freeze-tower: stage B leaves the tower as stage A left it and trains the projector;
+    --init-llm copies LLM + lm_head from a saved model (checked with a zero learning rate);
+    every phase of a step is timed in the log."""
+    from transformers import LlavaForConditionalGeneration
+
+    from tokenprune.eval.synthetic.model import build_model
+    from tokenprune.eval.synthetic.train import main
+
+    fresh = build_model(0)
+    log = main(["--out", str(tmp_path / "f"), "--device", "cpu", "--steps-a", "0", "--steps-b", "2", "--batch", "2",
+                "--freeze-tower", "--n-val", "4"])
+    frozen = LlavaForConditionalGeneration.from_pretrained(tmp_path / "f")
+    assert log["freeze_tower"] and log["stage_b_steps"] == 2
+    assert set(log["stage_b_phase_ms"]) == {"data", "forward", "backward", "optimizer"}
+    assert _same(_state(frozen.model.vision_tower), _state(fresh.model.vision_tower))
+    assert not _same(_state(frozen.model.multi_modal_projector), _state(fresh.model.multi_modal_projector))
+
+    main(["--out", str(tmp_path / "w"), "--device", "cpu", "--steps-a", "0", "--steps-b", "1", "--batch", "2",
+          "--init-llm", str(tmp_path / "f"), "--lr-scale", "0", "--n-val", "4"])
+    warm = LlavaForConditionalGeneration.from_pretrained(tmp_path / "w")
+    assert _same(_state(warm.model.language_model), _state(frozen.model.language_model))
+    assert _same(_state(warm.lm_head), _state(frozen.lm_head))
+    assert _same(_state(warm.model.multi_modal_projector), _state(fresh.model.multi_modal_projector))
+
+
+def test_video_training_freezes_tower_and_continues_from_a_saved_model(tmp_path):
+    """Video stage B with freeze_tower leaves the tower untouched and trains the rest; init
+    continues from the saved model (a zero learning rate leaves it exactly as saved)."""
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    from tokenprune.eval.synthetic.train_video import build_model, train
+
+    kw = dict(vision_layers=1, vision_hidden=32, llm_layers=1, llm_hidden=64)
+    fresh = build_model(0, **kw)
+    log = train(tmp_path / "f", "cpu", 0, 0.5, 2, n_val=2, freeze_tower=True, **kw)
+    assert log["steps_a"] == 0 and log["steps_b"] >= 1 and log["freeze_tower"]
+    assert set(log["phase_ms_b"]) == {"data", "forward", "backward", "optimizer"}
+    frozen = LlavaOnevisionForConditionalGeneration.from_pretrained(tmp_path / "f")
+    assert _same(_state(frozen.model.vision_tower), _state(fresh.model.vision_tower))
+    assert not _same(_state(frozen.model.language_model), _state(fresh.model.language_model))
+
+    log = train(tmp_path / "c", "cpu", 0, 0.5, 2, n_val=2, lr_scale=0.0, init=tmp_path / "f")
+    assert log["init"] == str(tmp_path / "f") and log["previous"]["freeze_tower"]
+    cont = LlavaOnevisionForConditionalGeneration.from_pretrained(tmp_path / "c")
+    assert _same(_state(cont), _state(frozen))

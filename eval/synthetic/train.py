@@ -58,12 +58,44 @@ class DenseHeads(nn.Module):
         return lc + ls + lz + lp, {"patch_shape_acc": acc.item()}
 
 
-def pair_targets(scenes: list, device: str) -> torch.Tensor:
-    t = torch.zeros(len(scenes), N_PAIRS, device=device)
+def pair_targets(scenes: list, device: str | torch.device) -> torch.Tensor:
+    """[B, N_PAIRS] multi-hot (colour, shape) pairs, built on the host and moved once: one
+    indexed write per object on a GPU tensor cost a kernel launch each."""
+    t = np.zeros((len(scenes), N_PAIRS), np.float32)
     for i, s in enumerate(scenes):
         for o in s.objects:
             t[i, COLOR_NAMES.index(o.color) * len(SHAPES) + SHAPES.index(o.shape)] = 1
-    return t
+    return torch.from_numpy(t).to(device)
+
+
+class PhaseTimer:
+    """Median wall time (ms) of each phase of a training step, measured on every ``every``-th
+    step with the device synchronised at each mark, so that a run's log says where its time goes
+    (host-side data and kernel launches vs device compute) without slowing the other steps."""
+
+    def __init__(self, device: str | torch.device, every: int = 10) -> None:
+        self.cuda, self.every = str(device).startswith("cuda"), every
+        self.times: dict[str, list[float]] = {}
+        self.on, self.t = False, 0.0
+
+    def _now(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def start(self, step: int) -> None:
+        self.on = step % self.every == 0      # step 0's one-off warm-up is one sample of the median
+        if self.on:
+            self.t = self._now()
+
+    def mark(self, phase: str) -> None:
+        if self.on:
+            now = self._now()
+            self.times.setdefault(phase, []).append(1000 * (now - self.t))
+            self.t = now
+
+    def summary(self) -> dict[str, float]:
+        return {k: round(float(np.median(v)), 2) for k, v in self.times.items()}
 
 
 _TOKEN_CACHE: dict[int, dict[str, list[int]]] = {}
@@ -151,7 +183,8 @@ def cosine(progress: float, warm: float = 0.03) -> float:
 
 def train(out: Path, device: str, steps_a: int, steps_b: int, seconds_a: float, seconds_b: float,
           batch: int, seed: int, log_every: int = 50, init: Path | None = None,
-          lr_scale: float = 1.0) -> dict[str, Any]:
+          lr_scale: float = 1.0, freeze_tower: bool = False, init_llm: Path | None = None,
+          n_val: int = 512) -> dict[str, Any]:
     from tqdm import tqdm
 
     torch.manual_seed(seed)
@@ -163,22 +196,28 @@ def train(out: Path, device: str, steps_a: int, steps_b: int, seconds_a: float, 
     else:  # continue from a saved checkpoint (a second session on a lent GPU)
         from transformers import LlavaForConditionalGeneration
         model = LlavaForConditionalGeneration.from_pretrained(init, dtype=torch.float32).to(device).train()
+    if init_llm is not None:  # warm start of LLM + lm_head only (the tower and projector start fresh)
+        from transformers import LlavaForConditionalGeneration
+        src = LlavaForConditionalGeneration.from_pretrained(init_llm, dtype=torch.float32)
+        model.model.language_model.load_state_dict(src.model.language_model.state_dict())
+        model.lm_head.load_state_dict(src.lm_head.state_dict())
     tower = model.model.vision_tower
     heads = DenseHeads(model.config.vision_config.hidden_size).to(device)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast("cpu", enabled=False)
     n_img = GRID * GRID
     log: dict[str, Any] = {"device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
-                           "batch": batch, "seed": seed, "init": str(init) if init else None, "lr_scale": lr_scale}
+                           "batch": batch, "seed": seed, "init": str(init) if init else None, "lr_scale": lr_scale,
+                           "freeze_tower": freeze_tower, "init_llm": str(init_llm) if init_llm else None}
     if init is not None and (Path(init) / "training.json").exists():
         log["previous"] = json.loads((Path(init) / "training.json").read_text())
 
-    def features(scenes: list) -> tuple[torch.Tensor, torch.Tensor]:
-        imgs, labels = render(scenes, device)
-        with amp:
+    def features(imgs: torch.Tensor, grad: bool = True) -> torch.Tensor:
+        with amp, torch.set_grad_enabled(grad):
             hs = tower(normalise(imgs), output_hidden_states=True).hidden_states
-        return hs[model.config.vision_feature_layer], labels
+        return hs[model.config.vision_feature_layer]
 
     # ---- stage A: the vision tower --------------------------------------------------------
+    timer = PhaseTimer(device)
     opt = torch.optim.AdamW(list(tower.parameters()) + list(heads.parameters()), lr=2e-3, weight_decay=0.01)
     t0, step, loss, info = time.time(), 0, torch.zeros(()), {}
     bar = tqdm(total=steps_a, desc="stage A (vision)")
@@ -188,26 +227,38 @@ def train(out: Path, device: str, steps_a: int, steps_b: int, seconds_a: float, 
             break
         for g in opt.param_groups:
             g["lr"] = 2e-3 * cosine(prog)
+        timer.start(step)
         scenes = [sample_scene(rng) for _ in range(batch)]
-        hidden, labels = features(scenes)
-        loss, info = heads.loss(hidden, labels, pair_targets(scenes, device))
+        imgs, labels = render(scenes, device)
+        pairs = pair_targets(scenes, device)
+        timer.mark("data")
+        hidden = features(imgs)
+        loss, info = heads.loss(hidden, labels, pairs)
+        timer.mark("forward")
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        timer.mark("backward")
         torch.nn.utils.clip_grad_norm_(tower.parameters(), 1.0)
         opt.step()
+        timer.mark("optimizer")
         step += 1
         bar.update()
         if step % log_every == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}", shape=f"{info['patch_shape_acc']:.2f}")
     bar.close()
-    log.update(stage_a_steps=step, stage_a_seconds=time.time() - t0, stage_a_loss=loss.item(), **info)
+    log.update(stage_a_steps=step, stage_a_seconds=time.time() - t0, stage_a_loss=loss.item(),
+               stage_a_phase_ms=timer.summary(), **info)
 
-    # ---- stage B: projector + LLM (tower fine-tuned, dense loss kept) ----------------------
-    groups = [{"params": list(tower.parameters()) + list(heads.parameters()), "base": 3e-4 * lr_scale},
-              {"params": [p for n, p in model.named_parameters() if not n.startswith("model.vision_tower")],
+    # ---- stage B: projector + LLM (tower fine-tuned with the dense loss kept, or frozen) ----
+    # A frozen tower keeps its stage-A features local: the answer loss cannot teach it to copy
+    # object information into every token, so answers depend on which tokens are kept.
+    tower.requires_grad_(not freeze_tower)
+    groups = [{"params": [p for n, p in model.named_parameters() if not n.startswith("model.vision_tower")],
                "base": 1e-3 * lr_scale}]
+    if not freeze_tower:
+        groups.insert(0, {"params": list(tower.parameters()) + list(heads.parameters()), "base": 3e-4 * lr_scale})
     opt = torch.optim.AdamW([{"params": g["params"], "lr": g["base"]} for g in groups], weight_decay=0.01)
-    t0, step, accs = time.time(), 0, []
+    t0, step, accs, timer = time.time(), 0, [], PhaseTimer(device)
     bar = tqdm(total=steps_b, desc="stage B (VQA)")
     while True:
         prog = max(step / steps_b, (time.time() - t0) / seconds_b)
@@ -215,6 +266,7 @@ def train(out: Path, device: str, steps_a: int, steps_b: int, seconds_a: float, 
             break
         for g, spec in zip(opt.param_groups, groups):
             g["lr"] = spec["base"] * cosine(prog)
+        timer.start(step)
         scenes = [sample_scene(rng) for _ in range(batch)]
         qa = [sample_question(s, rng) for s in scenes]
         ids, mask, labels = encode_batch(tok, [q for q, _, _ in qa], [a for _, a, _ in qa], n_img,
@@ -225,15 +277,20 @@ def train(out: Path, device: str, steps_a: int, steps_b: int, seconds_a: float, 
                            0.05 + 0.95 * torch.rand(batch, device=device))
         keep_visual = torch.rand(batch, n_img, device=device) < frac[:, None]
         keep_visual[torch.arange(batch), torch.randint(n_img, (batch,), device=device)] = True
-        hidden, plabels = features(scenes)
+        imgs, plabels = render(scenes, device)
+        pairs = None if freeze_tower else pair_targets(scenes, device)
+        timer.mark("data")
+        hidden = features(imgs, grad=not freeze_tower)
         with amp:
             loss, ok = vqa_loss(model, hidden, ids, mask, labels, keep_visual)
-            aux, _ = heads.loss(hidden, plabels, pair_targets(scenes, device))
-        total = loss + 0.3 * aux
+            total = loss if pairs is None else loss + 0.3 * heads.loss(hidden, plabels, pairs)[0]
+        timer.mark("forward")
         opt.zero_grad(set_to_none=True)
         total.backward()
+        timer.mark("backward")
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        timer.mark("optimizer")
         step += 1
         accs.append(ok.float().mean().item())
         bar.update()
@@ -241,10 +298,11 @@ def train(out: Path, device: str, steps_a: int, steps_b: int, seconds_a: float, 
             bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{np.mean(accs[-log_every:]):.2f}")
     bar.close()
     log.update(stage_b_steps=step, stage_b_seconds=time.time() - t0, stage_b_loss=loss.item(),
-               stage_b_train_acc=float(np.mean(accs[-log_every:])) if accs else None)
+               stage_b_train_acc=float(np.mean(accs[-log_every:])) if accs else None,
+               stage_b_phase_ms=timer.summary())
 
     model.eval()
-    log["validation"] = evaluate(model, tok, device, n=512, seed=10_000 + seed)
+    log["validation"] = evaluate(model, tok, device, n=n_val, seed=10_000 + seed)
     out.mkdir(parents=True, exist_ok=True)
     model.to(torch.float16).save_pretrained(out)
     processor.save_pretrained(out)
@@ -285,9 +343,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--init", type=Path, help="continue from this saved model (e.g. with --steps-a 0)")
     ap.add_argument("--lr-scale", type=float, default=1.0)
+    ap.add_argument("--freeze-tower", action="store_true",
+                    help="stage B trains projector + LLM only (tower features stay as stage A left them)")
+    ap.add_argument("--init-llm", type=Path, help="warm-start LLM + lm_head from this saved model")
+    ap.add_argument("--n-val", type=int, default=512, help="validation questions after training")
     a = ap.parse_args(argv)
     log = train(a.out, a.device, a.steps_a, a.steps_b, a.seconds_a, a.seconds_b, a.batch, a.seed,
-                init=a.init, lr_scale=a.lr_scale)
+                init=a.init, lr_scale=a.lr_scale, freeze_tower=a.freeze_tower, init_llm=a.init_llm,
+                n_val=a.n_val)
     print(json.dumps(log, indent=1))
     return log
 

@@ -8,7 +8,8 @@ The model is a real ``LlavaOnevisionForConditionalGeneration`` (SigLIP-style tow
 Stage A trains the tower with dense per-patch supervision on every frame (colour, shape,
 object centre; a mean-token pair head stands in for CLS), which makes its attention
 object-centric (``tiny-model-notes.md``); stage B trains projector + LLM (tower fine-tuned, the
-dense loss kept on) on the one-word answers through the model's own forward. Time-budgeted cosine
+dense loss kept on; or frozen with ``--freeze-tower``, so that its features stay local) on the
+one-word answers through the model's own forward. Time-budgeted cosine
 schedules as the image model, so a run fits its budget on any device.
 """
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 from .clips import FRAMES, VIDEO_WORDS, ClipSample, clip_split, render_clips, sample_clip, sample_clip_question
 from .questions import ANSWERS, VOCAB
 from .scenes import IMAGE_SIZE, PATCH
-from .train import DenseHeads, cosine, pad_rows, pair_targets
+from .train import DenseHeads, PhaseTimer, cosine, pad_rows, pair_targets
 
 SPECIAL = ["<pad>", "<s>", "</s>", "[UNK]", "<image>", "<video>"]
 CHAT_WORDS = ("user", "assistant")
@@ -121,9 +122,10 @@ def tower_hidden(model: Any, frames: torch.Tensor) -> torch.Tensor:
     return model.model.vision_tower(normalise(frames.flatten(0, 1))).last_hidden_state
 
 
-def dense_loss(heads: DenseHeads, hidden: torch.Tensor, labels: torch.Tensor, clips_frames: list) -> tuple:
+def dense_loss(heads: DenseHeads, hidden: torch.Tensor, labels: torch.Tensor, pairs: torch.Tensor) -> tuple:
+    """Dense per-patch loss of [N, 256, d] frame features; labels [N, 16, 16, 3], pairs [N, N_PAIRS]."""
     with_mean = torch.cat([hidden.mean(1, keepdim=True), hidden], 1)   # no CLS: a mean token stands in
-    return heads.loss(with_mean, labels.flatten(0, 1), pair_targets(clips_frames, hidden.device))
+    return heads.loss(with_mean, labels, pairs)
 
 
 @torch.no_grad()
@@ -163,11 +165,20 @@ def drop_visual(ids: torch.Tensor, mask: torch.Tensor, video_token_id: int, gene
 
 
 def train(out: Path, device: str, seconds_a: float, seconds_b: float, batch: int, seed: int = 0,
-          n_val: int = 200, lr_scale: float = 1.0, dropout: bool = True, **model_kw: Any) -> dict[str, Any]:
+          n_val: int = 200, lr_scale: float = 1.0, dropout: bool = True, freeze_tower: bool = False,
+          init: Path | None = None, **model_kw: Any) -> dict[str, Any]:
+    """Stage A for ``seconds_a`` (skipped with 0), stage B for ``seconds_b``; ``freeze_tower``
+    trains projector + LLM only in stage B, ``init`` continues from a saved model."""
     from tqdm import tqdm
 
     torch.manual_seed(seed)
-    model = build_model(seed, device, **model_kw).train()
+    if init is None:
+        model = build_model(seed, device, **model_kw).train()
+    else:
+        from transformers import LlavaOnevisionForConditionalGeneration
+        model = LlavaOnevisionForConditionalGeneration.from_pretrained(init, dtype=torch.float32,
+                                                                       attn_implementation="sdpa").to(device).train()
+    tower = model.model.vision_tower
     tok = build_tokenizer()
     heads = DenseHeads(model.config.vision_config.hidden_size).to(device)
     rng = np.random.default_rng(seed)
@@ -175,64 +186,81 @@ def train(out: Path, device: str, seconds_a: float, seconds_b: float, batch: int
     amp = (torch.autocast("cuda", dtype=torch.bfloat16) if str(device).startswith("cuda")
            else contextlib.nullcontext())
     log: dict[str, Any] = {"device": device, "batch": batch, "lr_scale": lr_scale, "dropout": dropout,
-                           "model": model_kw}
+                           "freeze_tower": freeze_tower, "init": str(init) if init else None, "model": model_kw}
+    if init is not None and (Path(init) / "training.json").exists():
+        log["previous"] = json.loads((Path(init) / "training.json").read_text())
 
-    def clips_batch():
+    def clips_batch(every: int) -> tuple[list[ClipSample], torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Clips with questions, frames [B, F, 3, H, W], patch labels, and the pair targets of
+        every ``every``-th frame (for the dense loss)."""
         cs = [sample_clip(rng) for _ in range(batch)]
-        qa = [sample_clip_question(c, rng) for c in cs]
-        return cs, qa
+        samples = [ClipSample(c, *sample_clip_question(c, rng)) for c in cs]
+        frames, labels = render_clips(cs, device=device)
+        pairs = pair_targets([c.frame(t) for c in cs for t in range(0, FRAMES, every)], device)
+        return samples, frames, labels, pairs
+
+    def dense(frames: torch.Tensor, labels: torch.Tensor, pairs: torch.Tensor, every: int) -> tuple:
+        return dense_loss(heads, tower_hidden(model, frames[:, ::every]), labels[:, ::every].flatten(0, 1), pairs)
 
     # stage A: tower + dense heads on every frame
-    opt = torch.optim.AdamW(list(model.model.vision_tower.parameters()) + list(heads.parameters()), lr=1e-3)
-    t0, step = time.time(), 0
+    opt = torch.optim.AdamW(list(tower.parameters()) + list(heads.parameters()), lr=1e-3)
+    t0, step, timer = time.time(), 0, PhaseTimer(device)
     with tqdm(desc="stage A (tower)", unit="step") as bar:
         while time.time() - t0 < seconds_a:
             for g in opt.param_groups:
                 g["lr"] = 1e-3 * cosine((time.time() - t0) / max(seconds_a, 1e-9))
-            cs, _ = clips_batch()
-            frames, labels = render_clips(cs, device=device)
+            timer.start(step)
+            _, frames, labels, pairs = clips_batch(1)
+            timer.mark("data")
             with amp:
-                loss, info = dense_loss(heads, tower_hidden(model, frames), labels,
-                                        [c.frame(t) for c in cs for t in range(FRAMES)])
+                loss, info = dense(frames, labels, pairs, 1)
+            timer.mark("forward")
             opt.zero_grad()
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.model.vision_tower.parameters(), 1.0)
+            timer.mark("backward")
+            torch.nn.utils.clip_grad_norm_(tower.parameters(), 1.0)
             opt.step()
+            timer.mark("optimizer")
             step += 1
             bar.update()
             bar.set_postfix(loss=f"{loss.item():.3f}", **{k: f"{v:.2f}" for k, v in info.items()})
-    log["steps_a"] = step
-    # stage B: VQA through the model's forward, tower fine-tuned with the dense loss kept on
+    log["steps_a"], log["phase_ms_a"] = step, timer.summary()
+    # stage B: VQA through the model's forward; the tower fine-tuned with the dense loss kept on
+    # (on every 4th frame), or frozen so that its stage-A features stay local
+    tower.requires_grad_(not freeze_tower)
     params = [p for n, p in model.named_parameters() if not n.startswith("model.vision_tower")]
-    opt = torch.optim.AdamW([{"params": params, "lr": 5e-4 * lr_scale},
-                             {"params": list(model.model.vision_tower.parameters()) + list(heads.parameters()),
-                              "lr": 1e-4 * lr_scale}])
+    groups = [{"params": params, "lr": 5e-4 * lr_scale}]
+    if not freeze_tower:
+        groups.append({"params": list(tower.parameters()) + list(heads.parameters()), "lr": 1e-4 * lr_scale})
+    opt = torch.optim.AdamW(groups)
     base = [g["lr"] for g in opt.param_groups]
-    t0, step = time.time(), 0
+    t0, step, timer = time.time(), 0, PhaseTimer(device)
     with tqdm(desc="stage B (VQA)", unit="step") as bar:
         while time.time() - t0 < seconds_b:
             f = cosine((time.time() - t0) / max(seconds_b, 1e-9))
             for g, b0 in zip(opt.param_groups, base):
                 g["lr"] = b0 * f
-            cs, qa = clips_batch()
-            frames, labels = render_clips(cs, device=device)
-            ids, mask, lab = encode(tok, [q for q, _, _ in qa], [a for _, a, _ in qa])
+            timer.start(step)
+            samples, frames, labels, pairs = clips_batch(4)
+            ids, mask, lab = encode(tok, [s.question for s in samples], [s.answer for s in samples])
             if dropout:
                 mask = drop_visual(ids, mask, model.config.video_token_id, gen)
+            ids, mask, lab = ids.to(device), mask.to(device), lab.to(device)
+            timer.mark("data")
             with amp:
-                out_ = model(input_ids=ids.to(device), attention_mask=mask.to(device), labels=lab.to(device),
-                             pixel_values_videos=normalise(frames))
-                dl, _ = dense_loss(heads, tower_hidden(model, frames[:, ::4]), labels[:, ::4],
-                                   [c.frame(t) for c in cs for t in range(0, FRAMES, 4)])
-                loss = out_.loss + 0.2 * dl
+                out_ = model(input_ids=ids, attention_mask=mask, labels=lab, pixel_values_videos=normalise(frames))
+                loss = out_.loss if freeze_tower else out_.loss + 0.2 * dense(frames, labels, pairs, 4)[0]
+            timer.mark("forward")
             opt.zero_grad()
             loss.backward()
+            timer.mark("backward")
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
+            timer.mark("optimizer")
             step += 1
             bar.update()
             bar.set_postfix(vqa=f"{out_.loss.item():.3f}")
-    log["steps_b"] = step
+    log["steps_b"], log["phase_ms_b"] = step, timer.summary()
     model.eval()
     log["validation"] = evaluate(model, tok, clip_split(n_val, 10_000 + seed), device)
     out.mkdir(parents=True, exist_ok=True)
@@ -255,9 +283,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--lr-scale", type=float, default=1.0)
     ap.add_argument("--llm-layers", type=int, default=4)
     ap.add_argument("--no-dropout", action="store_true", help="train on full token sets only")
+    ap.add_argument("--freeze-tower", action="store_true",
+                    help="stage B trains projector + LLM only (tower features stay as stage A left them)")
+    ap.add_argument("--init", type=Path, help="continue from this saved model (e.g. with --seconds-a 0)")
     a = ap.parse_args(argv)
+    kw = {} if a.init else {"llm_layers": a.llm_layers}
     log = train(a.out, a.device, a.seconds_a, a.seconds_b, a.batch, a.seed, a.n_val, lr_scale=a.lr_scale,
-                dropout=not a.no_dropout, llm_layers=a.llm_layers)
+                dropout=not a.no_dropout, freeze_tower=a.freeze_tower, init=a.init, **kw)
     print(json.dumps(log, indent=1))
     return log
 
