@@ -54,3 +54,58 @@ def test_benchmark_discriminates(result):
     rows = {(r["strategy"], r["keep"]): r for r in result["rows"]}
     assert rows[("random", 0.111)]["accuracy"] <= result["unpruned"] - 0.05
     assert rows[("hiprune", 0.111)]["object_recall"] >= 8 * rows[("random", 0.111)]["object_recall"]
+
+
+def test_control_masks_keep_exact_budgets():
+    import torch
+
+    from tokenprune.eval.synthetic.fidelity import control_keep
+
+    obj = torch.zeros(3, 256, dtype=torch.bool)
+    obj[0, :10] = obj[1, 100:140] = True                     # 10 and 40 object patches, none in row 2
+    for n in (1, 28, 85):
+        first, back = control_keep(obj, n, "objects first"), control_keep(obj, n, "background only")
+        assert first.sum(1).tolist() == [n] * 3 and back.sum(1).tolist() == [n] * 3
+        assert not (back & obj).any()
+        assert ((first & obj).sum(1) == torch.minimum(obj.sum(1), torch.tensor(n))).all()
+
+
+def test_control_forward_equals_pruned_forward():
+    """The controls' masked forward is what a pruned forward computes: fed the kept indices of the
+    random strategy, it gives the pruned model's logits; fed everything, the unpruned ones."""
+    import torch
+
+    import tokenprune
+    from tokenprune.eval.synthetic.fidelity import predict_masked, prepare
+    from tokenprune.eval.synthetic.splits import split
+
+    model, processor = load()
+    data = prepare(processor, split(6))
+    enc = data["inputs"]
+    with torch.no_grad():
+        full = model(**enc, logits_to_keep=1).logits[:, -1]
+        h = tokenprune.apply(model, "random", keep=0.111)
+        try:
+            pruned = model(**enc, logits_to_keep=1).logits[:, -1]
+            kept = [row[0] for row in h.last_stats.kept_indices]
+        finally:
+            h.remove()
+    keep = torch.zeros(6, 256, dtype=torch.bool)
+    for i, idx in enumerate(kept):
+        keep[i, idx] = True
+    captured = []
+    hook = model.lm_head.register_forward_hook(lambda m, a, out: captured.append(out[:, -1]))
+    try:
+        predict_masked(model, data, keep)
+        predict_masked(model, data, torch.ones(6, 256, dtype=torch.bool))
+    finally:
+        hook.remove()
+    torch.testing.assert_close(captured[0], pruned, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(captured[1], full, atol=1e-5, rtol=1e-5)
+
+
+def test_controls_in_the_benchmark(result):
+    rows = {(r["strategy"], r["keep"]): r for r in result["rows"]}
+    for keep, kept in ((0.333, 85), (0.111, 28)):
+        assert rows[("background only", keep)]["object_recall"] == 0 and rows[("background only", keep)]["kept"] == kept
+        assert rows[("objects first", keep)]["object_recall"] >= 0.9 and rows[("objects first", keep)]["control"]

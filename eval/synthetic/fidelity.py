@@ -5,6 +5,13 @@ VQA model loaded with ``from_pretrained`` and fed through its real processor.
 
 Second metric, deterministic: *object recall* = share of the patches covered by an object that a
 strategy keeps (what the answer needs; random keeps the keep ratio).
+
+Two controls (not strategies) say how much the model's answers depend on *which* tokens it sees:
+``objects first`` keeps the object-covered patches (then random background up to the budget),
+``background only`` keeps random background patches and never an object. Both run the unpatched
+model with the dropped visual tokens masked out (original positions: what a pruned forward sees).
+If ``background only`` answers as well as ``objects first``, the tower has spread the answer into
+every token and no selection can matter.
 """
 from __future__ import annotations
 
@@ -23,6 +30,7 @@ from .splits import Sample, split
 
 KEEPS = (1.0, 0.5, 0.333, 0.222, 0.111, 0.056)
 STRATEGIES = ("hiprune", "visionzip", "fopru", "fastv", "random", "pool")
+CONTROLS = ("objects first", "background only")
 
 
 def load(path: str | Path = DEFAULT_MODEL):
@@ -58,13 +66,40 @@ def predict(model: Any, data: dict[str, Any], batch: int = 64, handle: Any = Non
     return torch.cat(preds), (sum(recall) / len(recall) if recall else float("nan"))
 
 
+def control_keep(objects: torch.Tensor, n_keep: int, control: str, seed: int = 0) -> torch.Tensor:
+    """Keep masks of exactly ``n_keep`` tokens per sample. objects [N, T] bool -> [N, T] bool:
+    ``objects first`` = the object patches (a random subset if there are more than ``n_keep``),
+    then random background; ``background only`` = random background patches, never an object."""
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.rand(objects.shape, generator=g)                  # [0, 1): ties broken at random
+    sign = {"objects first": 2.0, "background only": -2.0}[control]
+    order = (noise + sign * objects.float()).topk(n_keep, dim=1).indices
+    return torch.zeros_like(objects).scatter_(1, order, True)
+
+
+@torch.no_grad()
+def predict_masked(model: Any, data: dict[str, Any], keep: torch.Tensor, batch: int = 64) -> torch.Tensor:
+    """Greedy first answer token of the unpatched model with the visual tokens not in ``keep``
+    [N, T] masked out of attention (positions unchanged)."""
+    enc = data["inputs"]
+    img = enc["input_ids"] == model.config.image_token_id
+    mask = enc["attention_mask"].clone()
+    mask[img] = keep.reshape(-1).to(mask.dtype)          # each row has its T image tokens in order
+    preds = []
+    for s in range(0, mask.shape[0], batch):
+        part = {k: v[s:s + batch] for k, v in enc.items()}
+        part["attention_mask"] = mask[s:s + batch]
+        preds.append(model(**part, logits_to_keep=1).logits[:, -1].argmax(-1))
+    return torch.cat(preds)
+
+
 def by_type(ok: torch.Tensor, types: list[str]) -> dict[str, float]:
     """Accuracy per question type: ok [N] bool, types [N] -> {type: share right} (types sorted)."""
     return {t: ok[[x == t for x in types]].float().mean().item() for t in sorted(set(types))}
 
 
 def run(model_path: str | Path = DEFAULT_MODEL, n: int = 1000, strategies: tuple[str, ...] = STRATEGIES,
-        keeps: tuple[float, ...] = KEEPS) -> dict[str, Any]:
+        keeps: tuple[float, ...] = KEEPS, controls: tuple[str, ...] = CONTROLS) -> dict[str, Any]:
     from tqdm import tqdm
 
     model, processor = load(model_path)
@@ -88,6 +123,15 @@ def run(model_path: str | Path = DEFAULT_MODEL, n: int = 1000, strategies: tuple
             finally:
                 h.remove()
             res["rows"].append({"strategy": name, "keep": keep, "kept": kept,
+                                "accuracy": (pred == data["answers"]).float().mean().item(), "object_recall": rec})
+    obj = data["objects"]
+    for name in controls:
+        for keep in keeps:
+            kept = n_tok if keep >= 1.0 else round(keep * n_tok)
+            mask = control_keep(obj, kept, name)
+            pred = predict_masked(model, data, mask)
+            rec = ((mask & obj).sum(1) / obj.sum(1).clamp(min=1)).mean().item()
+            res["rows"].append({"strategy": name, "keep": keep, "kept": kept, "control": True,
                                 "accuracy": (pred == data["answers"]).float().mean().item(), "object_recall": rec})
     return res
 
@@ -116,8 +160,13 @@ def summary(res: dict[str, Any], what: str) -> str:
 
 
 def to_markdown(res: dict[str, Any]) -> str:
+    note = ""
+    if any(r.get("control") for r in res["rows"]):
+        note = (" Rows *objects first* and *background only* are controls, not strategies: the unpatched "
+                "model with the other visual tokens masked out (object patches first, then random "
+                "background / random background only).")
     return table(res, summary(res, "test questions") + "\n\nAccuracy (%) by keep ratio (tokens kept of "
-                 f"{res['tokens']}); object recall in brackets.")
+                 f"{res['tokens']}); object recall in brackets." + note)
 
 
 def accuracy_plot(res: dict[str, Any], path: Path, xlabel: str, title: str) -> None:
@@ -128,8 +177,10 @@ def accuracy_plot(res: dict[str, Any], path: Path, xlabel: str, title: str) -> N
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for name in dict.fromkeys(r["strategy"] for r in res["rows"]):
-        pts = sorted((r["kept"], 100 * r["accuracy"]) for r in res["rows"] if r["strategy"] == name)
-        ax.plot(*zip(*pts), marker="o", label=name)
+        rows = [r for r in res["rows"] if r["strategy"] == name]
+        pts = sorted((r["kept"], 100 * r["accuracy"]) for r in rows)
+        control = any(r.get("control") for r in rows)        # controls: dashed, hollow markers
+        ax.plot(*zip(*pts), marker="o", label=name, ls="--" if control else "-", mfc="none" if control else None)
     ax.axhline(100 * res["unpruned"], color="grey", ls=":", label="unpruned")
     ax.set(xscale="log", xlabel=xlabel, ylabel="accuracy %", title=title)
     ticks = sorted({r["kept"] for r in res["rows"]})
@@ -151,9 +202,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--model", default=str(DEFAULT_MODEL))
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--strategies", nargs="*", default=list(STRATEGIES))
+    ap.add_argument("--controls", nargs="*", default=list(CONTROLS), help="control rows (none: no controls)")
     ap.add_argument("--out", type=Path, default=Path("eval/results"))
     a = ap.parse_args(argv)
-    res = run(a.model, a.n, tuple(a.strategies))
+    res = run(a.model, a.n, tuple(a.strategies), controls=tuple(a.controls))
     md = to_markdown(res)
     print(md)
     save_results(res, md, a.out, "fidelity", plot)
