@@ -78,3 +78,43 @@ def test_event_recall_credits_temporal_merges_only():
     out = kept_in_place(kept, groups, 8, cells)
     assert out.tolist() == [True, True, False, False, True, False, False, False]
     assert kept_in_place(kept, None, 8, cells).tolist() == [True, True] + [False] * 6
+
+
+def test_video_control_forward_equals_pruned_forward():
+    """The video controls' masked forward (newline kept) gives the logits of a pruned forward fed
+    the same kept tokens (random strategy, original positions)."""
+    import torch
+
+    import tokenprune
+    from tokenprune.eval.synthetic.clips import clip_split
+    from tokenprune.eval.synthetic.fidelity import predict_masked
+    from tokenprune.eval.synthetic.fidelity_video import TEST_SEED, prepare
+    from tokenprune.eval.tiny import ov_pooled_side
+
+    model, processor = load()
+    data = prepare(processor, clip_split(3, TEST_SEED), ov_pooled_side(model.config.vision_config))
+    with torch.no_grad():
+        h = tokenprune.apply(model, "random", keep=0.111)
+        try:
+            pruned = model(**data["inputs"], logits_to_keep=1).logits[:, -1]
+            kept = [row[0] for row in h.last_stats.kept_indices]
+        finally:
+            h.remove()
+    keep = torch.zeros(3, 513, dtype=torch.bool)
+    for i, idx in enumerate(kept):
+        keep[i, idx] = True
+    assert keep[:, -1].all()                                  # the newline is always kept
+    captured = []
+    hook = model.lm_head.register_forward_hook(lambda m, a, out: captured.append(out[:, -1]))
+    try:
+        predict_masked(model, data, keep, token_id=model.config.video_token_id)
+    finally:
+        hook.remove()
+    torch.testing.assert_close(captured[0], pruned, atol=1e-4, rtol=1e-4)
+
+
+def test_video_controls_in_the_benchmark(result):
+    rows = {(r["strategy"], r["keep"]): r for r in result["rows"]}
+    for keep, kept in ((0.333, 170), (0.111, 57)):
+        assert rows[("static only", keep)]["event_recall"] == 0 and rows[("static only", keep)]["kept"] == kept
+        assert rows[("changed first", keep)]["event_recall"] >= 0.9

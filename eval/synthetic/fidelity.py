@@ -78,11 +78,13 @@ def control_keep(objects: torch.Tensor, n_keep: int, control: str, seed: int = 0
 
 
 @torch.no_grad()
-def predict_masked(model: Any, data: dict[str, Any], keep: torch.Tensor, batch: int = 64) -> torch.Tensor:
+def predict_masked(model: Any, data: dict[str, Any], keep: torch.Tensor, batch: int = 64,
+                   token_id: int | None = None) -> torch.Tensor:
     """Greedy first answer token of the unpatched model with the visual tokens not in ``keep``
-    [N, T] masked out of attention (positions unchanged)."""
+    [N, T] masked out of attention (positions unchanged); T = the placeholder tokens of a row
+    (``token_id``, default the image token)."""
     enc = data["inputs"]
-    img = enc["input_ids"] == model.config.image_token_id
+    img = enc["input_ids"] == (model.config.image_token_id if token_id is None else token_id)
     mask = enc["attention_mask"].clone()
     mask[img] = keep.reshape(-1).to(mask.dtype)          # each row has its T image tokens in order
     preds = []

@@ -15,6 +15,11 @@ a strategy keeps, or merges into a kept token *at the same cell* of another fram
 tokens: a cell that changed once and then stays the same is one token over its window). Spatial
 merges get no credit: pooling or VisionZip's contextual tokens average every dropped token into a
 kept one, which would make the metric 100% for them.
+
+Controls (not strategies; the unpatched model with the other video tokens masked out, positions
+unchanged): *changed first* keeps the changed tokens, then random static ones; *static only* keeps
+random static tokens and never a changed one. If *static only* answers as well, the answers do not
+need the event's tokens and no selection can matter.
 """
 from __future__ import annotations
 
@@ -31,7 +36,7 @@ from tokenprune.runner import user_prompt
 from ..results_io import save_results
 from ..tiny import ov_pooled_side
 from .clips import FRAMES, ClipSample, clip_split, render_clips
-from .fidelity import accuracy_plot, by_type, summary, table
+from .fidelity import accuracy_plot, by_type, control_keep, predict_masked, summary, table
 
 KEEPS = (1.0, 0.5, 0.333, 0.222, 0.111, 0.056)
 #: (row name, strategy, extra params)
@@ -44,6 +49,7 @@ STRATEGIES: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("random", "random", {}),
     ("pool", "pool", {}),
 )
+CONTROLS = {"changed first": "objects first", "static only": "background only"}   # -> fidelity.control_keep
 TEST_SEED = 20_000
 FLOORS_N = 100          # clips of the CI regression test (tests/test_fidelity_video.py)
 
@@ -117,7 +123,7 @@ def predict(model: Any, data: dict[str, Any], batch: int = 16, handle: Any = Non
 
 
 def run(model_path: str | Path | None = None, n: int = 300, strategies: tuple[str, ...] | None = None,
-        keeps: tuple[float, ...] = KEEPS) -> dict[str, Any]:
+        keeps: tuple[float, ...] = KEEPS, controls: tuple[str, ...] = tuple(CONTROLS)) -> dict[str, Any]:
     from tqdm import tqdm
 
     model, processor = load(model_path)
@@ -146,13 +152,30 @@ def run(model_path: str | Path | None = None, n: int = 300, strategies: tuple[st
             res["rows"].append({"strategy": label, "keep": keep, "kept": kept,
                                 "accuracy": ok.float().mean().item(), "event_recall": rec,
                                 "by_type": by_type(ok, data["types"])})
+    changed = torch.stack(data["changed"])                                     # [n, F * cells]
+    for label in controls:
+        for keep in keeps:
+            kept = n_tok if keep >= 1.0 else round(keep * n_tok)
+            mask = control_keep(changed, kept, CONTROLS[label])
+            with_newline = torch.cat([mask, torch.ones(n, 1, dtype=torch.bool)], 1)
+            ok = predict_masked(model, data, with_newline, batch=16, token_id=model.config.video_token_id) \
+                == data["answers"]
+            rec = ((mask & changed).sum(1) / changed.sum(1).clamp(min=1)).mean().item()
+            res["rows"].append({"strategy": label, "keep": keep, "kept": kept, "control": True,
+                                "accuracy": ok.float().mean().item(), "event_recall": rec,
+                                "by_type": by_type(ok, data["types"])})
     return res
 
 
 def to_markdown(res: dict[str, Any]) -> str:
+    note = ""
+    if any(r.get("control") for r in res["rows"]):
+        note = (" Rows *changed first* and *static only* are controls, not strategies: the unpatched model "
+                "with the other video tokens masked out (changed tokens first, then random static ones / "
+                "random static tokens only).")
     return table(res, summary(res, "test clips") + "\n\nAccuracy (%) by keep ratio (video tokens kept of "
                  f"{res['tokens']}, newline not counted); event recall (share of the changed tokens kept, or "
-                 "merged over time at their cell) in brackets.", metric="event_recall")
+                 "merged over time at their cell) in brackets." + note, metric="event_recall")
 
 
 def plot(res: dict[str, Any], path: Path) -> None:
@@ -165,9 +188,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--model", default=None, help="a saved video model folder (default: assets/tiny-ov-video)")
     ap.add_argument("--n", type=int, default=300)
     ap.add_argument("--strategies", nargs="*", default=None, help=f"rows, of {[r[0] for r in STRATEGIES]}")
+    ap.add_argument("--controls", nargs="*", default=list(CONTROLS), help="control rows (none: no controls)")
     ap.add_argument("--out", type=Path, default=Path("eval/results"))
     a = ap.parse_args(argv)
-    res = run(a.model, a.n, tuple(a.strategies) if a.strategies else None)
+    res = run(a.model, a.n, tuple(a.strategies) if a.strategies is not None else None,
+              controls=tuple(a.controls))
     md = to_markdown(res)
     print(md)
     save_results(res, md, a.out, "fidelity_video", plot)
