@@ -17,6 +17,7 @@ FLOORS = {
     ("visionzip", 0.333): (0.910, 0.917), ("visionzip", 0.111): (0.800, 0.840),
     ("fopru", 0.333): (0.895, 0.998), ("fopru", 0.111): (0.820, 0.977),
     ("fastv", 0.333): (0.885, 0.722), ("fastv", 0.111): (0.875, 0.633),
+    ("fastv (layer=1)", 0.333): (0.885, 0.974), ("fastv (layer=1)", 0.111): (0.830, 0.842),   # 2026-11-27
     ("random", 0.333): (0.860, 0.329), ("random", 0.111): (0.810, 0.104),
     ("pool", 0.333): (0.855, 0.340), ("pool", 0.111): (0.775, 0.120),
 }
@@ -109,3 +110,12 @@ def test_controls_in_the_benchmark(result):
     for keep, kept in ((0.333, 85), (0.111, 28)):
         assert rows[("background only", keep)]["object_recall"] == 0 and rows[("background only", keep)]["kept"] == kept
         assert rows[("objects first", keep)]["object_recall"] >= 0.9 and rows[("objects first", keep)]["control"]
+
+
+def test_rows_with_parameters():
+    from tokenprune.eval.synthetic.fidelity import parse_row
+
+    assert parse_row("hiprune") == ("hiprune", "hiprune", {})
+    assert parse_row("fastv:layer=1") == ("fastv (layer=1)", "fastv", {"layer": 1})
+    assert parse_row("hiprune:alpha=0.2,layer=3") == ("hiprune (alpha=0.2,layer=3)", "hiprune",
+                                                      {"alpha": 0.2, "layer": 3})

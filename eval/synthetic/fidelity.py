@@ -29,7 +29,9 @@ from .scenes import render, to_pil
 from .splits import Sample, split
 
 KEEPS = (1.0, 0.5, 0.333, 0.222, 0.111, 0.056)
-STRATEGIES = ("hiprune", "visionzip", "fopru", "fastv", "random", "pool")
+#: rows: a strategy name, or ``name:param=value[,param=value]``. FastV's paper K = 2 is 2 of 32 LLM
+#: layers; on this 4-layer LLM it leaves half the LLM seeing every token, so K = 1 is the closer row.
+STRATEGIES = ("hiprune", "visionzip", "fopru", "fastv", "fastv:layer=1", "random", "pool")
 CONTROLS = ("objects first", "background only")
 
 
@@ -64,6 +66,23 @@ def predict(model: Any, data: dict[str, Any], batch: int = 64, handle: Any = Non
                 obj = data["objects"][s + i]
                 recall.append(obj[row[0]].sum().item() / max(1, obj.sum().item()))
     return torch.cat(preds), (sum(recall) / len(recall) if recall else float("nan"))
+
+
+def parse_row(spec: str) -> tuple[str, str, dict[str, Any]]:
+    """``"fastv:layer=1"`` -> (label ``"fastv (layer=1)"``, strategy ``"fastv"``, ``{"layer": 1}``);
+    a plain name is its own label with no parameters."""
+    name, _, rest = spec.partition(":")
+    params: dict[str, Any] = {}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        try:
+            params[key] = int(value)
+        except ValueError:
+            try:
+                params[key] = float(value)
+            except ValueError:
+                params[key] = value
+    return (f"{name} ({rest})" if rest else name), name, params
 
 
 def control_keep(objects: torch.Tensor, n_keep: int, control: str, seed: int = 0) -> torch.Tensor:
@@ -112,19 +131,20 @@ def run(model_path: str | Path = DEFAULT_MODEL, n: int = 1000, strategies: tuple
     ok = pred == data["answers"]
     res: dict[str, Any] = {"model": str(model_path), "n": n, "tokens": n_tok, "unpruned": ok.float().mean().item(),
                            "unpruned_by_type": by_type(ok, data["types"]), "rows": []}
-    for name in tqdm(strategies, desc="fidelity"):
+    for spec in tqdm(strategies, desc="fidelity"):
+        label, name, params = parse_row(spec)
         for keep in keeps:
             if keep >= 1.0:
-                res["rows"].append({"strategy": name, "keep": 1.0, "kept": n_tok, "accuracy": res["unpruned"],
+                res["rows"].append({"strategy": label, "keep": 1.0, "kept": n_tok, "accuracy": res["unpruned"],
                                     "object_recall": 1.0})
                 continue
-            h = tokenprune.apply(model, name, keep=keep)
+            h = tokenprune.apply(model, name, keep=keep, **params)
             try:
                 pred, rec = predict(model, data, handle=h)
                 kept = int(h.last_stats.visual_tokens_kept[0])
             finally:
                 h.remove()
-            res["rows"].append({"strategy": name, "keep": keep, "kept": kept,
+            res["rows"].append({"strategy": label, "keep": keep, "kept": kept,
                                 "accuracy": (pred == data["answers"]).float().mean().item(), "object_recall": rec})
     obj = data["objects"]
     for name in controls:
@@ -203,7 +223,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(prog="tokenprune fidelity", description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=str(DEFAULT_MODEL))
     ap.add_argument("--n", type=int, default=1000)
-    ap.add_argument("--strategies", nargs="*", default=list(STRATEGIES))
+    ap.add_argument("--strategies", nargs="*", default=list(STRATEGIES),
+                    help="rows: names, or name:param=value[,param=value] (e.g. fastv:layer=1)")
     ap.add_argument("--controls", nargs="*", default=list(CONTROLS), help="control rows (none: no controls)")
     ap.add_argument("--out", type=Path, default=Path("eval/results"))
     a = ap.parse_args(argv)

@@ -6,7 +6,8 @@ processor (8-frame synthetic clips: an object moves, appears or changes colour).
 
 Rows: HoliTom (outer + inner merge "M"), HoliTom w/o M (outer stage only), and the image strategies
 applied per frame / to the whole video as the engine does for videos (HiPrune, VisionZip per frame;
-FastV inside the LLM; random; pooling). The budget is one per video (frames x 64 pooled tokens);
+FastV inside the LLM at the paper's K = 2 and at K = 1, since 2 is half of this 4-layer LLM; random;
+pooling). The budget is one per video (frames x 64 pooled tokens);
 the trailing newline token is structure and always kept.
 
 Second metric, deterministic: *event recall* = share of the pooled tokens that change between
@@ -46,6 +47,7 @@ STRATEGIES: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("hiprune", "hiprune", {}),
     ("visionzip", "visionzip", {}),
     ("fastv", "fastv", {}),
+    ("fastv (layer=1)", "fastv", {"layer": 1}),        # K = 2 is half of this 4-layer LLM (paper: 2 of 32)
     ("random", "random", {}),
     ("pool", "pool", {}),
 )
