@@ -119,3 +119,21 @@ def test_rows_with_parameters():
     assert parse_row("fastv:layer=1") == ("fastv (layer=1)", "fastv", {"layer": 1})
     assert parse_row("hiprune:alpha=0.2,layer=3") == ("hiprune (alpha=0.2,layer=3)", "hiprune",
                                                       {"alpha": 0.2, "layer": 3})
+
+
+def test_fidelity_cli_writes_table_plot_and_controls(tmp_path):
+    """`tokenprune fidelity` (image and --video) with a parameterised row and one control writes
+    markdown, JSON and a plot whose rows are the ones asked for."""
+    import json
+
+    from tokenprune.cli import main
+
+    for extra, stem, rows in ((["--strategies", "fastv:layer=1", "--controls", "background only"], "fidelity",
+                               {"fastv (layer=1)", "background only"}),
+                              (["--video", "--strategies", "random", "--controls", "static only"], "fidelity_video",
+                               {"random", "static only"})):
+        assert main(["fidelity", "--n", "4", "--out", str(tmp_path), *extra]) == 0
+        res = json.loads((tmp_path / f"{stem}.json").read_text())
+        assert {r["strategy"] for r in res["rows"]} == rows and len(res["rows"]) == 12
+        assert "controls, not strategies" in (tmp_path / f"{stem}.md").read_text()
+        assert (tmp_path / f"{stem}.png").stat().st_size > 0
