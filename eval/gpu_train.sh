@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One lent-GPU lease for issue 7: both tiny models trained with the tower frozen after stage A
 # (so that answers depend on which visual tokens are kept), side by side, then both fidelity
-# benchmarks on the machine's CPUs. Every step logs its phase timings (training.json: *_phase_ms*),
+# benchmarks on the machine's CPUs. Every step logs its phase timings (training.json: stage_*_phase_ms, phase_ms_*),
 # which says whether a step is bound by host-side data / launches or by device compute.
 #   bash eval/gpu_train.sh OUT          (OUT gets results.tgz, image.tgz, video.tgz, log.txt)
 # Defaults fit one 10-minute call; override SECONDS_A / SECONDS_B / TRAIN_SECONDS to go longer.
