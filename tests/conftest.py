@@ -153,3 +153,28 @@ def assert_batch_equals_singles(model, handle, batch: dict, singles: list[dict],
         assert torch.equal(gen[r, -d:], g[0, -d:])
         assert all(torch.equal(a, b) for a, b in zip(st_b.kept_indices[r], handle.last_stats.kept_indices[0]))
     return st_b
+
+
+def pruned_and_masked_logits(model, data: dict, n_tokens: int, token_id: int | None = None):
+    """Last-position logits of the random strategy (keep 0.111) on ``data["inputs"]`` and of the
+    fidelity controls' masked forward fed the same kept tokens; and the keep mask [B, n_tokens]."""
+    import tokenprune
+    from tokenprune.eval.synthetic.fidelity import predict_masked
+
+    with torch.no_grad():
+        h = tokenprune.apply(model, "random", keep=0.111)
+        try:
+            pruned = model(**data["inputs"], logits_to_keep=1).logits[:, -1]
+            kept = [row[0] for row in h.last_stats.kept_indices]
+        finally:
+            h.remove()
+    keep = torch.zeros(len(kept), n_tokens, dtype=torch.bool)
+    for i, idx in enumerate(kept):
+        keep[i, idx] = True
+    captured = []
+    hook = model.lm_head.register_forward_hook(lambda m, a, out: captured.append(out[:, -1]))
+    try:
+        predict_masked(model, data, keep, token_id=token_id)
+    finally:
+        hook.remove()
+    return pruned, captured[0], keep

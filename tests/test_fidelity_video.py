@@ -86,32 +86,17 @@ def test_video_control_forward_equals_pruned_forward():
     the same kept tokens (random strategy, original positions)."""
     import torch
 
-    import tokenprune
     from tokenprune.eval.synthetic.clips import clip_split
-    from tokenprune.eval.synthetic.fidelity import predict_masked
     from tokenprune.eval.synthetic.fidelity_video import TEST_SEED, prepare
     from tokenprune.eval.tiny import ov_pooled_side
 
+    from conftest import pruned_and_masked_logits
+
     model, processor = load()
     data = prepare(processor, clip_split(3, TEST_SEED), ov_pooled_side(model.config.vision_config))
-    with torch.no_grad():
-        h = tokenprune.apply(model, "random", keep=0.111)
-        try:
-            pruned = model(**data["inputs"], logits_to_keep=1).logits[:, -1]
-            kept = [row[0] for row in h.last_stats.kept_indices]
-        finally:
-            h.remove()
-    keep = torch.zeros(3, 513, dtype=torch.bool)
-    for i, idx in enumerate(kept):
-        keep[i, idx] = True
+    pruned, masked, keep = pruned_and_masked_logits(model, data, 513, token_id=model.config.video_token_id)
     assert keep[:, -1].all()                                  # the newline is always kept
-    captured = []
-    hook = model.lm_head.register_forward_hook(lambda m, a, out: captured.append(out[:, -1]))
-    try:
-        predict_masked(model, data, keep, token_id=model.config.video_token_id)
-    finally:
-        hook.remove()
-    torch.testing.assert_close(captured[0], pruned, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(masked, pruned, atol=1e-4, rtol=1e-4)
 
 
 def test_video_controls_in_the_benchmark(result):
