@@ -190,13 +190,14 @@ def train(out: Path, device: str, seconds_a: float, seconds_b: float, batch: int
     if init is not None and (Path(init) / "training.json").exists():
         log["previous"] = json.loads((Path(init) / "training.json").read_text())
 
-    def clips_batch(every: int) -> tuple[list[ClipSample], torch.Tensor, torch.Tensor, torch.Tensor]:
+    def clips_batch(every: int | None) -> tuple[list[ClipSample], torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Clips with questions, frames [B, F, 3, H, W], patch labels, and the pair targets of
-        every ``every``-th frame (for the dense loss)."""
+        every ``every``-th frame for the dense loss (None: no dense loss)."""
         cs = [sample_clip(rng) for _ in range(batch)]
         samples = [ClipSample(c, *sample_clip_question(c, rng)) for c in cs]
         frames, labels = render_clips(cs, device=device)
-        pairs = pair_targets([c.frame(t) for c in cs for t in range(0, FRAMES, every)], device)
+        pairs = None if every is None else pair_targets([c.frame(t) for c in cs for t in range(0, FRAMES, every)],
+                                                         device)
         return samples, frames, labels, pairs
 
     def dense(frames: torch.Tensor, labels: torch.Tensor, pairs: torch.Tensor, every: int) -> tuple:
@@ -241,7 +242,7 @@ def train(out: Path, device: str, seconds_a: float, seconds_b: float, batch: int
             for g, b0 in zip(opt.param_groups, base):
                 g["lr"] = b0 * f
             timer.start(step)
-            samples, frames, labels, pairs = clips_batch(4)
+            samples, frames, labels, pairs = clips_batch(None if freeze_tower else 4)
             ids, mask, lab = encode(tok, [s.question for s in samples], [s.answer for s in samples])
             if dropout:
                 mask = drop_visual(ids, mask, model.config.video_token_id, gen)
@@ -249,7 +250,7 @@ def train(out: Path, device: str, seconds_a: float, seconds_b: float, batch: int
             timer.mark("data")
             with amp:
                 out_ = model(input_ids=ids, attention_mask=mask, labels=lab, pixel_values_videos=normalise(frames))
-                loss = out_.loss if freeze_tower else out_.loss + 0.2 * dense(frames, labels, pairs, 4)[0]
+                loss = out_.loss if pairs is None else out_.loss + 0.2 * dense(frames, labels, pairs, 4)[0]
             timer.mark("forward")
             opt.zero_grad()
             loss.backward()
