@@ -155,11 +155,24 @@ def assert_batch_equals_singles(model, handle, batch: dict, singles: list[dict],
     return st_b
 
 
+def masked_logits(model, data: dict, keep: torch.Tensor, token_id: int | None = None) -> torch.Tensor:
+    """Last-position logits of the fidelity controls' masked forward (``predict_masked``) for the
+    keep mask [B, T], read from the lm_head."""
+    from tokenprune.eval.synthetic.fidelity import predict_masked
+
+    captured = []
+    hook = model.lm_head.register_forward_hook(lambda m, a, out: captured.append(out[:, -1]))
+    try:
+        predict_masked(model, data, keep, token_id=token_id)
+    finally:
+        hook.remove()
+    return torch.cat(captured)
+
+
 def pruned_and_masked_logits(model, data: dict, n_tokens: int, token_id: int | None = None):
     """Last-position logits of the random strategy (keep 0.111) on ``data["inputs"]`` and of the
     fidelity controls' masked forward fed the same kept tokens; and the keep mask [B, n_tokens]."""
     import tokenprune
-    from tokenprune.eval.synthetic.fidelity import predict_masked
 
     with torch.no_grad():
         h = tokenprune.apply(model, "random", keep=0.111)
@@ -171,10 +184,4 @@ def pruned_and_masked_logits(model, data: dict, n_tokens: int, token_id: int | N
     keep = torch.zeros(len(kept), n_tokens, dtype=torch.bool)
     for i, idx in enumerate(kept):
         keep[i, idx] = True
-    captured = []
-    hook = model.lm_head.register_forward_hook(lambda m, a, out: captured.append(out[:, -1]))
-    try:
-        predict_masked(model, data, keep, token_id=token_id)
-    finally:
-        hook.remove()
-    return pruned, captured[0], keep
+    return pruned, masked_logits(model, data, keep, token_id), keep

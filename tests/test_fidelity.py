@@ -76,10 +76,10 @@ def test_control_forward_equals_pruned_forward():
     random strategy, it gives the pruned model's logits; fed everything, the unpruned ones."""
     import torch
 
-    from tokenprune.eval.synthetic.fidelity import predict_masked, prepare
+    from tokenprune.eval.synthetic.fidelity import prepare
     from tokenprune.eval.synthetic.splits import split
 
-    from conftest import pruned_and_masked_logits
+    from conftest import masked_logits, pruned_and_masked_logits
 
     model, processor = load()
     data = prepare(processor, split(6))
@@ -87,13 +87,8 @@ def test_control_forward_equals_pruned_forward():
     torch.testing.assert_close(masked, pruned, atol=1e-4, rtol=1e-4)
     with torch.no_grad():
         full = model(**data["inputs"], logits_to_keep=1).logits[:, -1]
-    captured = []
-    hook = model.lm_head.register_forward_hook(lambda m, a, out: captured.append(out[:, -1]))
-    try:
-        predict_masked(model, data, torch.ones(6, 256, dtype=torch.bool))
-    finally:
-        hook.remove()
-    torch.testing.assert_close(captured[0], full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(masked_logits(model, data, torch.ones(6, 256, dtype=torch.bool)), full,
+                               atol=1e-5, rtol=1e-5)
 
 
 def test_controls_in_the_benchmark(result):

@@ -114,6 +114,20 @@ def predict_masked(model: Any, data: dict[str, Any], keep: torch.Tensor, batch: 
     return torch.cat(preds)
 
 
+def control_run(model: Any, data: dict[str, Any], relevant: torch.Tensor, control: str, keep: float,
+                token_id: int | None = None, tail: int = 0, batch: int = 64) -> tuple[int, torch.Tensor, float]:
+    """One control row: relevant [N, T] bool (object / changed tokens) -> (tokens kept, right [N]
+    bool, recall of the relevant tokens). ``tail`` placeholder tokens after the T (structure, e.g.
+    OneVision's video newline) are always kept."""
+    n, t = relevant.shape
+    kept = t if keep >= 1.0 else round(keep * t)
+    mask = control_keep(relevant, kept, control)
+    full = torch.cat([mask, torch.ones(n, tail, dtype=torch.bool)], 1)
+    ok = predict_masked(model, data, full, batch=batch, token_id=token_id) == data["answers"]
+    recall = ((mask & relevant).sum(1) / relevant.sum(1).clamp(min=1)).mean().item()
+    return kept, ok, recall
+
+
 def by_type(ok: torch.Tensor, types: list[str]) -> dict[str, float]:
     """Accuracy per question type: ok [N] bool, types [N] -> {type: share right} (types sorted)."""
     return {t: ok[[x == t for x in types]].float().mean().item() for t in sorted(set(types))}
@@ -146,15 +160,11 @@ def run(model_path: str | Path = DEFAULT_MODEL, n: int = 1000, strategies: tuple
                 h.remove()
             res["rows"].append({"strategy": label, "keep": keep, "kept": kept,
                                 "accuracy": (pred == data["answers"]).float().mean().item(), "object_recall": rec})
-    obj = data["objects"]
     for name in controls:
         for keep in keeps:
-            kept = n_tok if keep >= 1.0 else round(keep * n_tok)
-            mask = control_keep(obj, kept, name)
-            pred = predict_masked(model, data, mask)
-            rec = ((mask & obj).sum(1) / obj.sum(1).clamp(min=1)).mean().item()
+            kept, ok, rec = control_run(model, data, data["objects"], name, keep)
             res["rows"].append({"strategy": name, "keep": keep, "kept": kept, "control": True,
-                                "accuracy": (pred == data["answers"]).float().mean().item(), "object_recall": rec})
+                                "accuracy": ok.float().mean().item(), "object_recall": rec})
     return res
 
 

@@ -37,7 +37,7 @@ from tokenprune.runner import user_prompt
 from ..results_io import save_results
 from ..tiny import ov_pooled_side
 from .clips import FRAMES, ClipSample, clip_split, render_clips
-from .fidelity import accuracy_plot, by_type, control_keep, predict_masked, summary, table
+from .fidelity import accuracy_plot, by_type, control_run, summary, table
 
 KEEPS = (1.0, 0.5, 0.333, 0.222, 0.111, 0.056)
 #: (row name, strategy, extra params)
@@ -156,13 +156,9 @@ def run(model_path: str | Path | None = None, n: int = 300, strategies: tuple[st
                                 "by_type": by_type(ok, data["types"])})
     changed = torch.stack(data["changed"])                                     # [n, F * cells]
     for label in controls:
-        for keep in keeps:
-            kept = n_tok if keep >= 1.0 else round(keep * n_tok)
-            mask = control_keep(changed, kept, CONTROLS[label])
-            with_newline = torch.cat([mask, torch.ones(n, 1, dtype=torch.bool)], 1)
-            ok = predict_masked(model, data, with_newline, batch=16, token_id=model.config.video_token_id) \
-                == data["answers"]
-            rec = ((mask & changed).sum(1) / changed.sum(1).clamp(min=1)).mean().item()
+        for keep in keeps:                     # the trailing newline is structure: always kept
+            kept, ok, rec = control_run(model, data, changed, CONTROLS[label], keep,
+                                        token_id=model.config.video_token_id, tail=1, batch=16)
             res["rows"].append({"strategy": label, "keep": keep, "kept": kept, "control": True,
                                 "accuracy": ok.float().mean().item(), "event_recall": rec,
                                 "by_type": by_type(ok, data["types"])})
