@@ -11,17 +11,19 @@ from tokenprune.eval.synthetic.fidelity import DEFAULT_MODEL, load, run
 
 N = 200
 TOL = 3 / N
-#: measured 2026-11-26 (CPU, torch 2.14.1, transformers 5.24.0): accuracy, object recall
+#: measured 2026-11-27 (CPU, torch 2.14.1, transformers 5.24.0) on the shipped model of that day
+#: (GPU training continued 45 min on the CPU): accuracy, object recall
 FLOORS = {
-    ("hiprune", 0.333): (0.895, 0.999), ("hiprune", 0.111): (0.830, 0.968),
-    ("visionzip", 0.333): (0.910, 0.917), ("visionzip", 0.111): (0.800, 0.840),
-    ("fopru", 0.333): (0.895, 0.998), ("fopru", 0.111): (0.820, 0.977),
-    ("fastv", 0.333): (0.885, 0.722), ("fastv", 0.111): (0.875, 0.633),
-    ("fastv (layer=1)", 0.333): (0.885, 0.974), ("fastv (layer=1)", 0.111): (0.830, 0.842),   # 2026-11-27
-    ("random", 0.333): (0.860, 0.329), ("random", 0.111): (0.810, 0.104),
-    ("pool", 0.333): (0.855, 0.340), ("pool", 0.111): (0.775, 0.120),
+    ("hiprune", 0.333): (0.900, 0.999), ("hiprune", 0.111): (0.805, 0.970),
+    ("visionzip", 0.333): (0.880, 0.896), ("visionzip", 0.111): (0.815, 0.832),
+    ("fopru", 0.333): (0.900, 0.998), ("fopru", 0.111): (0.810, 0.981),
+    ("fastv", 0.333): (0.890, 0.745), ("fastv", 0.111): (0.870, 0.669),
+    ("fastv (layer=1)", 0.333): (0.895, 0.914), ("fastv (layer=1)", 0.111): (0.860, 0.739),
+    ("random", 0.333): (0.850, 0.329), ("random", 0.111): (0.775, 0.104),
+    ("pool", 0.333): (0.855, 0.340), ("pool", 0.111): (0.765, 0.120),
+    ("holitom_inner", 0.333): (0.890, 0.764), ("holitom_inner", 0.111): (0.870, 0.656),
 }
-UNPRUNED = 0.89
+UNPRUNED = 0.895
 
 
 @pytest.fixture(scope="module")

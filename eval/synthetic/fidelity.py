@@ -31,7 +31,7 @@ from .splits import Sample, split
 KEEPS = (1.0, 0.5, 0.333, 0.222, 0.111, 0.056)
 #: rows: a strategy name, or ``name:param=value[,param=value]``. FastV's paper K = 2 is 2 of 32 LLM
 #: layers; on this 4-layer LLM it leaves half the LLM seeing every token, so K = 1 is the closer row.
-STRATEGIES = ("hiprune", "visionzip", "fopru", "fastv", "fastv:layer=1", "random", "pool")
+STRATEGIES = ("hiprune", "visionzip", "fopru", "fastv", "fastv:layer=1", "random", "pool", "holitom_inner")
 CONTROLS = ("objects first", "background only")
 
 
