@@ -12,18 +12,18 @@ from tokenprune.eval.synthetic.fidelity import DEFAULT_MODEL, load, run
 N = 200
 TOL = 3 / N
 #: measured 2026-11-27 (CPU, torch 2.14.1, transformers 5.24.0) on the shipped model of that day
-#: (GPU training continued 45 min on the CPU): accuracy, object recall
+#: (continued 45 min on the CPU with object-centred dropout masks): accuracy, object recall
 FLOORS = {
-    ("hiprune", 0.333): (0.900, 0.999), ("hiprune", 0.111): (0.805, 0.970),
-    ("visionzip", 0.333): (0.880, 0.896), ("visionzip", 0.111): (0.815, 0.832),
-    ("fopru", 0.333): (0.900, 0.998), ("fopru", 0.111): (0.810, 0.981),
-    ("fastv", 0.333): (0.890, 0.745), ("fastv", 0.111): (0.870, 0.669),
-    ("fastv (layer=1)", 0.333): (0.895, 0.914), ("fastv (layer=1)", 0.111): (0.860, 0.739),
-    ("random", 0.333): (0.850, 0.329), ("random", 0.111): (0.775, 0.104),
-    ("pool", 0.333): (0.855, 0.340), ("pool", 0.111): (0.765, 0.120),
-    ("holitom_inner", 0.333): (0.890, 0.764), ("holitom_inner", 0.111): (0.870, 0.656),
+    ("hiprune", 0.333): (0.900, 0.995), ("hiprune", 0.111): (0.890, 0.956),
+    ("visionzip", 0.333): (0.870, 0.838), ("visionzip", 0.111): (0.850, 0.781),
+    ("fopru", 0.333): (0.900, 0.992), ("fopru", 0.111): (0.870, 0.961),
+    ("fastv", 0.333): (0.885, 0.748), ("fastv", 0.111): (0.865, 0.679),
+    ("fastv (layer=1)", 0.333): (0.885, 0.853), ("fastv (layer=1)", 0.111): (0.860, 0.674),
+    ("random", 0.333): (0.870, 0.329), ("random", 0.111): (0.790, 0.104),
+    ("pool", 0.333): (0.830, 0.340), ("pool", 0.111): (0.765, 0.120),
+    ("holitom_inner", 0.333): (0.900, 0.736), ("holitom_inner", 0.111): (0.885, 0.653),
 }
-UNPRUNED = 0.895
+UNPRUNED = 0.900
 
 
 @pytest.fixture(scope="module")
@@ -125,3 +125,31 @@ def test_fidelity_cli_writes_table_plot_and_controls(tmp_path):
         assert {r["strategy"] for r in res["rows"]} == rows and len(res["rows"]) == 12
         assert "controls, not strategies" in (tmp_path / f"{stem}.md").read_text()
         assert (tmp_path / f"{stem}.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("strategy", ["hiprune", "visionzip"])
+def test_pruned_generation_stops_after_the_answer(strategy):
+    """Greedy generation under tight object-centred pruning says the answer word and stops: the
+    whole-answer exact match equals the first-token accuracy (the model trained with random-only
+    dropout answered "blue four no no ..." at 0.111: HiPrune 69% exact vs 82% first token)."""
+    import torch
+
+    import tokenprune
+    from tokenprune.eval.synthetic.fidelity import prepare
+    from tokenprune.eval.synthetic.splits import split
+
+    model, processor = load()
+    data = prepare(processor, split(100))
+    eos = processor.tokenizer.eos_token_id
+    h = tokenprune.apply(model, strategy, keep=0.111)
+    try:
+        with torch.no_grad():
+            out = model.generate(**data["inputs"], max_new_tokens=3, do_sample=False, pad_token_id=eos,
+                                 eos_token_id=eos)
+    finally:
+        h.remove()
+    gen = out[:, data["inputs"]["input_ids"].shape[1]:]
+    first = gen[:, 0] == data["answers"]
+    stops = gen[:, 1] == eos
+    assert first.float().mean() >= 0.8
+    assert (first & stops).sum() >= first.sum() - 2, (first.sum(), (first & stops).sum())

@@ -200,3 +200,26 @@ def test_video_training_freezes_tower_and_continues_from_a_saved_model(tmp_path)
     assert log["init"] == str(tmp_path / "f") and log["previous"]["freeze_tower"]
     cont = LlavaOnevisionForConditionalGeneration.from_pretrained(tmp_path / "c")
     assert _same(_state(cont), _state(frozen))
+
+
+def test_dropout_masks_mix_full_random_and_object_centred_rows():
+    from tokenprune.eval.synthetic.train import dropout_masks
+
+    torch.manual_seed(0)
+    b, n = 4000, GRID * GRID
+    objects = torch.zeros(b, n, dtype=torch.bool)
+    objects[:, :20] = True                                    # 20 object patches per row
+    keep = dropout_masks(objects, object_share=0.35)
+    assert keep.shape == (b, n) and keep.any(1).all()
+    full = keep.all(1)
+    assert abs(full.float().mean().item() - 0.25) < 0.03      # 25% of rows keep everything
+    part = keep[~full]
+    k = part.sum(1)
+    # object-centred rows: either every kept token is an object, or every object is kept
+    centred = (part[:, 20:].sum(1) == 0) | (part[:, :20].all(1) & (k > 20))
+    # random rows are centred only by chance (a tiny subset that hits objects only): share ~0.35/0.75
+    assert 0.40 < centred.float().mean().item() < 0.55
+    assert k.min() >= 1 and (k.float() / n).max() <= 1
+    rand = dropout_masks(objects, object_share=0.0)
+    rand = rand[~rand.all(1)]
+    assert ((rand[:, 20:].sum(1) == 0) | rand[:, :20].all(1)).float().mean() < 0.1
