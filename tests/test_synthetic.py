@@ -146,6 +146,37 @@ def test_video_dropout_masks_only_video_tokens_and_keeps_newline():
     assert min(fracs) < 0.5 and max(fracs) == 1.0
 
 
+def test_video_dropout_object_centred_rows_and_pooled_objects():
+    """With object tokens given, a share of the rows keeps object tokens first (all of them, or
+    only objects); object_share=0 reproduces the random masks exactly; pooled_objects maps 2 x 2
+    patches to the model's frame-major pooled token order."""
+    import torch
+
+    from tokenprune.eval.synthetic.train_video import build_tokenizer, drop_visual, encode, pooled_objects
+
+    labels = torch.zeros(2, 8, 16, 16, 3, dtype=torch.long)
+    labels[0, 3, 5, 9, 1] = 2                                        # frame 3, patch (5, 9) -> cell (2, 4)
+    obj = pooled_objects(labels)
+    assert obj.shape == (2, 512) and obj.sum() == 1 and obj[0, 3 * 64 + 2 * 8 + 4]
+
+    tok = build_tokenizer()
+    ids, mask, _ = encode(tok, ["which shape moves"] * 400, ["circle"] * 400)
+    vid_id = tok.convert_tokens_to_ids("<video>")
+    body = (ids == vid_id) & (ids == vid_id).long().cumsum(1).lt(513)   # video tokens before the newline
+    objects = torch.zeros(400, 512, dtype=torch.bool)
+    objects[:, 100:130] = True                                        # 30 object tokens per clip
+    plain = drop_visual(ids, mask, vid_id, torch.Generator().manual_seed(1))
+    same = drop_visual(ids, mask, vid_id, torch.Generator().manual_seed(1), objects, 0.0)
+    assert torch.equal(plain, same)
+    m = drop_visual(ids, mask, vid_id, torch.Generator().manual_seed(1), objects, 0.35)
+    assert torch.equal(m[~body], mask[~body])                       # text, newline, padding untouched
+    kept = m[body].reshape(400, 512).bool()
+    part = ~kept.all(1)
+    centred = (kept[:, 100:130].all(1) & (kept.sum(1) > 30)) | (kept.sum(1) - kept[:, 100:130].sum(1) == 0)
+    assert 0.40 < (centred & part).sum() / part.sum() < 0.58          # ~0.35 / 0.75 of the partial rows
+    assert kept.any(1).all()
+
+
 def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to(torch.float16).clone() for k, v in module.state_dict().items()}
 

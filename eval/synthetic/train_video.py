@@ -147,26 +147,45 @@ def evaluate(model: Any, tok: Any, samples: list[ClipSample], device: str, batch
     return {"accuracy": float(np.mean(allr)), **{t: float(np.mean(v)) for t, v in right.items()}}
 
 
-def drop_visual(ids: torch.Tensor, mask: torch.Tensor, video_token_id: int, generator: torch.Generator | None = None
-                ) -> torch.Tensor:
+def pooled_objects(labels: torch.Tensor) -> torch.Tensor:
+    """Per-patch labels [B, F, 16, 16, 3] -> [B, F * 64] bool: the pooled video tokens (2 x 2
+    patches each, in the model's frame-major order) that show part of an object."""
+    obj = (labels[..., 1] > 0).float().flatten(0, 1)[:, None]                 # [B*F, 1, 16, 16]
+    pooled = torch.nn.functional.max_pool2d(obj, 2, ceil_mode=True) > 0       # [B*F, 1, 8, 8]
+    return pooled.reshape(labels.shape[0], -1)
+
+
+def drop_visual(ids: torch.Tensor, mask: torch.Tensor, video_token_id: int, generator: torch.Generator | None = None,
+                objects: torch.Tensor | None = None, object_share: float = 0.0) -> torch.Tensor:
     """Visual-token dropout through the attention mask: a quarter of the rows keep every video
-    token, the others a random 5-100% of them (at least one; the trailing newline token is kept).
-    Dropped tokens are masked out, so the other tokens keep their original positions — what a
-    pruned forward with original position ids sees. ids, mask [B, L] -> new mask [B, L]."""
+    token, the others 5-100% of them (the trailing newline token is always kept): a random subset
+    (with the first video token, so never empty) or, for an ``object_share`` of all rows when
+    ``objects`` [B, F * 64] is given, an object-centred one (object tokens first, in random order,
+    then the others, cut at the same fraction) — the kind of subset attention-based pruning keeps,
+    as in the image trainer. Dropped tokens are masked out, so the other tokens keep their original
+    positions — what a pruned forward with original position ids sees. ids, mask [B, L] -> new mask."""
     b = ids.shape[0]
     vid = ids == video_token_id
-    frac = torch.where(torch.rand(b, generator=generator) < 0.25, torch.ones(b),
-                       0.05 + 0.95 * torch.rand(b, generator=generator))
+    u = torch.rand(b, generator=generator)
+    frac = torch.where(u < 0.25, torch.ones(b), 0.05 + 0.95 * torch.rand(b, generator=generator))
     keep = torch.rand(ids.shape, generator=generator) < frac[:, None]
     last = vid.long().cumsum(1) == vid.sum(1, keepdim=True)      # from the newline token on
     first = vid & (vid.long().cumsum(1) == 1)
-    keep = keep | ~vid | (last & vid) | first
+    keep = keep | first
+    if objects is not None and object_share > 0:
+        n = objects.shape[1]
+        score = objects.float() + torch.rand(objects.shape, generator=generator)   # objects in (1, 2)
+        rank = score.argsort(1, descending=True).argsort(1)
+        centred = keep.clone()
+        centred[vid & ~last] = (rank < (frac * n).round().clamp(min=1)[:, None]).reshape(-1)
+        keep = torch.where(((u >= 0.25) & (u < 0.25 + object_share))[:, None], centred, keep)
+    keep = keep | ~vid | (last & vid)
     return mask * keep.to(mask.dtype)
 
 
 def train(out: Path, device: str, seconds_a: float, seconds_b: float, batch: int, seed: int = 0,
           n_val: int = 200, lr_scale: float = 1.0, dropout: bool = True, freeze_tower: bool = False,
-          init: Path | None = None, **model_kw: Any) -> dict[str, Any]:
+          init: Path | None = None, object_share: float = 0.35, **model_kw: Any) -> dict[str, Any]:
     """Stage A for ``seconds_a`` (skipped with 0), stage B for ``seconds_b``; ``freeze_tower``
     trains projector + LLM only in stage B, ``init`` continues from a saved model."""
     from tqdm import tqdm
@@ -186,7 +205,8 @@ def train(out: Path, device: str, seconds_a: float, seconds_b: float, batch: int
     amp = (torch.autocast("cuda", dtype=torch.bfloat16) if str(device).startswith("cuda")
            else contextlib.nullcontext())
     log: dict[str, Any] = {"device": device, "batch": batch, "lr_scale": lr_scale, "dropout": dropout,
-                           "freeze_tower": freeze_tower, "init": str(init) if init else None, "model": model_kw}
+                           "freeze_tower": freeze_tower, "init": str(init) if init else None, "model": model_kw,
+                           "object_share": object_share}
     if init is not None and (Path(init) / "training.json").exists():
         log["previous"] = json.loads((Path(init) / "training.json").read_text())
 
@@ -245,7 +265,8 @@ def train(out: Path, device: str, seconds_a: float, seconds_b: float, batch: int
             samples, frames, labels, pairs = clips_batch(None if freeze_tower else 4)
             ids, mask, lab = encode(tok, [s.question for s in samples], [s.answer for s in samples])
             if dropout:
-                mask = drop_visual(ids, mask, model.config.video_token_id, gen)
+                mask = drop_visual(ids, mask, model.config.video_token_id, gen, pooled_objects(labels).cpu(),
+                                   object_share)
             ids, mask, lab = ids.to(device), mask.to(device), lab.to(device)
             timer.mark("data")
             with amp:
@@ -287,10 +308,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--freeze-tower", action="store_true",
                     help="stage B trains projector + LLM only (tower features stay as stage A left them)")
     ap.add_argument("--init", type=Path, help="continue from this saved model (e.g. with --seconds-a 0)")
+    ap.add_argument("--object-share", type=float, default=0.35,
+                    help="share of stage-B rows whose dropout keeps object tokens first (the rest: random)")
     a = ap.parse_args(argv)
     kw = {} if a.init else {"llm_layers": a.llm_layers}
     log = train(a.out, a.device, a.seconds_a, a.seconds_b, a.batch, a.seed, a.n_val, lr_scale=a.lr_scale,
-                dropout=not a.no_dropout, freeze_tower=a.freeze_tower, init=a.init, **kw)
+                dropout=not a.no_dropout, freeze_tower=a.freeze_tower, init=a.init,
+                object_share=a.object_share, **kw)
     print(json.dumps(log, indent=1))
     return log
 
