@@ -8,8 +8,9 @@ towers are trained to summarise through CLS. This makes the tower's attention ob
 Stage B (projector + LLM, tower fine-tuned with the dense loss kept on): next-token loss on the
 one-word answer, with visual-token dropout (keep 5-100% of the visual tokens, random or
 object-centred subsets, original position ids) so that the model is robust to pruning itself and
-the fidelity benchmark measures *which* tokens a strategy keeps. Learning rates follow a cosine over max(step/steps, time/budget),
-so a run fits its time budget on any device; the steps done are saved in ``training.json``.
+the fidelity benchmark measures *which* tokens a strategy keeps. Learning rates follow a cosine
+over max(step/steps, time/budget), so a run fits its time budget on any device; the steps done are
+saved in ``training.json``.
 """
 from __future__ import annotations
 
@@ -175,6 +176,16 @@ def vqa_loss(model: Any, hidden: torch.Tensor, ids: torch.Tensor, mask: torch.Te
     return loss, pred == lb[torch.arange(b), first]
 
 
+def objects_first(objects: torch.Tensor, frac: torch.Tensor, generator: torch.Generator | None = None
+                  ) -> torch.Tensor:
+    """Object-centred subsets [B, N] bool: per row the object tokens first (in random order), then
+    the others, cut at round(frac * N) tokens (at least one). objects [B, N] bool, frac [B]."""
+    n = objects.shape[1]
+    score = objects.float() + torch.rand(objects.shape, generator=generator, device=objects.device)
+    rank = score.argsort(1, descending=True).argsort(1)             # objects score in (1, 2), others (0, 1)
+    return rank < (frac * n).round().clamp(min=1)[:, None]
+
+
 def dropout_masks(objects: torch.Tensor, object_share: float, full_share: float = 0.25) -> torch.Tensor:
     """Visual-token dropout masks [B, N] bool for stage B.
 
@@ -190,9 +201,7 @@ def dropout_masks(objects: torch.Tensor, object_share: float, full_share: float 
     u = torch.rand(b, device=dev)
     frac = torch.where(u < full_share, torch.ones(b, device=dev), 0.05 + 0.95 * torch.rand(b, device=dev))
     keep = torch.rand(b, n, device=dev) < frac[:, None]
-    score = objects.float() + torch.rand(b, n, device=dev)           # objects in (1, 2), background in (0, 1)
-    rank = score.argsort(1, descending=True).argsort(1)
-    centred = rank < (frac * n).round().clamp(min=1)[:, None]
+    centred = objects_first(objects, frac)
     keep = torch.where(((u >= full_share) & (u < full_share + object_share))[:, None], centred, keep)
     empty = ~keep.any(1)                                               # a random row may keep nothing
     keep[torch.arange(b, device=dev), torch.randint(n, (b,), device=dev)] |= empty

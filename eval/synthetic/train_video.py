@@ -28,7 +28,7 @@ import torch
 from .clips import FRAMES, VIDEO_WORDS, ClipSample, clip_split, render_clips, sample_clip, sample_clip_question
 from .questions import ANSWERS, VOCAB
 from .scenes import IMAGE_SIZE, PATCH
-from .train import DenseHeads, PhaseTimer, cosine, pad_rows, pair_targets
+from .train import DenseHeads, PhaseTimer, cosine, objects_first, pad_rows, pair_targets
 
 SPECIAL = ["<pad>", "<s>", "</s>", "[UNK]", "<image>", "<video>"]
 CHAT_WORDS = ("user", "assistant")
@@ -173,11 +173,8 @@ def drop_visual(ids: torch.Tensor, mask: torch.Tensor, video_token_id: int, gene
     first = vid & (vid.long().cumsum(1) == 1)
     keep = keep | first
     if objects is not None and object_share > 0:
-        n = objects.shape[1]
-        score = objects.float() + torch.rand(objects.shape, generator=generator)   # objects in (1, 2)
-        rank = score.argsort(1, descending=True).argsort(1)
         centred = keep.clone()
-        centred[vid & ~last] = (rank < (frac * n).round().clamp(min=1)[:, None]).reshape(-1)
+        centred[vid & ~last] = objects_first(objects, frac, generator).reshape(-1)
         keep = torch.where(((u >= 0.25) & (u < 0.25 + object_share))[:, None], centred, keep)
     keep = keep | ~vid | (last & vid)
     return mask * keep.to(mask.dtype)
