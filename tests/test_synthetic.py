@@ -122,6 +122,21 @@ def test_video_model_processor_matches_training_inputs_and_trains(tmp_path):
     assert h.last_stats.visual_tokens_kept == [round(0.25 * 512) + 1]
 
 
+def test_video_training_single_frames_in_stage_a_and_event_supervision(tmp_path):
+    """--frames-a 1 (stage A on one random frame per clip) and --event-aux run through the real
+    trainer; the stage-A shape accuracy is logged; the event head is not part of the saved model."""
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    from tokenprune.eval.synthetic.train_video import train
+
+    log = train(tmp_path / "m", "cpu", 1, 2, 2, n_val=4, frames_a=1, event_aux=0.5, vision_layers=1,
+                vision_hidden=32, llm_layers=2, llm_hidden=64)
+    assert log["frames_a"] == 1 and log["event_aux"] == 0.5 and log["steps_a"] >= 1 and log["steps_b"] >= 1
+    assert 0 <= log["stage_a_patch_shape_acc"] <= 1
+    saved = LlavaOnevisionForConditionalGeneration.from_pretrained(tmp_path / "m")
+    assert not any("event" in k for k in saved.state_dict())
+
+
 def test_video_dropout_masks_only_video_tokens_and_keeps_newline():
     """Visual-token dropout removes video tokens only (through the mask), keeps the first video
     token and the trailing newline, leaves padding and text alone, and keeps whole rows sometimes."""
@@ -175,6 +190,66 @@ def test_video_dropout_object_centred_rows_and_pooled_objects():
     centred = (kept[:, 100:130].all(1) & (kept.sum(1) > 30)) | (kept.sum(1) - kept[:, 100:130].sum(1) == 0)
     assert 0.40 < (centred & part).sum() / part.sum() < 0.58          # ~0.35 / 0.75 of the partial rows
     assert kept.any(1).all()
+
+
+def test_video_event_targets_mark_the_changing_object_per_frame():
+    """Event supervision targets: the target object's tokens in the frames that show it, with the
+    clip's class (direction for moves); static objects and background are 0; an appearing
+    object is 0 before it appears; a recolouring one is marked in every frame."""
+    from tokenprune.eval.synthetic.clips import Clip, render_clips
+    from tokenprune.eval.synthetic.scenes import Obj, Scene
+    from tokenprune.eval.synthetic.train_video import EVENT_CLASSES, event_targets, pooled_objects
+
+    still = Obj("square", "red", "big", 40, 40)
+    mover = Obj("circle", "blue", "big", 60, 170)
+    clips = [Clip(Scene((still, mover), 3), "move", 1, to=(180, 170)),
+             Clip(Scene((still, mover), 3), "move", 1, to=(20, 170)),
+             Clip(Scene((still, mover), 3), "appear", 1, at=5),
+             Clip(Scene((still, mover), 3), "recolor", 1, at=4, to="green")]
+    _, labels = render_clips(clips)
+    t = event_targets(clips, labels).reshape(4, 8, 64)
+    objects = pooled_objects(labels).reshape(4, 8, 64)
+    assert t.shape == (4, 8, 64) and (t[~objects] == 0).all()          # background never
+    still_cells = slice(0, 3 * 8)                                       # rows 0-2 of the 8 x 8 cells hold the square
+    assert (t[:, :, still_cells] == 0).all() and objects[:, :, still_cells].any()
+    names = [EVENT_CLASSES[int(r.max())] for r in t]
+    assert names == ["moves right", "moves left", "appears", "turns"]
+    assert (t[0] > 0).any(1).all() and (t[1] > 0).any(1).all()          # the mover in every frame
+    assert not (t[2, :5] > 0).any() and (t[2, 5:] > 0).any(1).all()     # appears at frame 5
+    assert (t[3] > 0).any(1).all()
+
+
+def test_video_event_loss_reads_attended_video_tokens_only():
+    """The event loss is finite, trains its head, and ignores masked-out (dropped) video tokens
+    and the text; event and static tokens are weighted equally."""
+    from tokenprune.eval.synthetic.train_video import build_tokenizer, encode, event_loss
+
+    tok = build_tokenizer()
+    ids, mask, _ = encode(tok, ["which shape moves"] * 2, ["circle"] * 2)
+    vid_id = tok.convert_tokens_to_ids("<video>")
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(*ids.shape, 16, generator=g)
+    head = torch.nn.Linear(16, 5)
+    targets = torch.zeros(2, 512, dtype=torch.long)
+    targets[:, 10:14] = 2
+    loss = event_loss(head, hidden, ids, mask, targets, vid_id)
+    loss.backward()
+    assert torch.isfinite(loss) and head.weight.grad.abs().sum() > 0
+    pos = (ids == vid_id).nonzero()
+    first = int(pos[pos[:, 0] == 0][0, 1])
+    dropped = mask.clone()
+    dropped[:, first + 20:first + 40] = 0                               # drop 20 static tokens per row
+    changed = targets.clone()
+    changed[:, 20:40] = 3                                               # their targets no longer matter
+    changed_hidden = hidden.clone()
+    changed_hidden[:, :first] = 0                                       # nor does the text
+    a = event_loss(head, hidden, ids, dropped, targets, vid_id)
+    b = event_loss(head, changed_hidden, ids, dropped, changed, vid_id)
+    assert torch.equal(a, b)
+    logits = head(hidden[ids == vid_id].reshape(2, 513, 16)[:, :512]).detach()
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, 5), targets.reshape(-1), reduction="none")
+    m = targets.reshape(-1) > 0
+    torch.testing.assert_close(loss.detach(), (ce[m].mean() + ce[~m].mean()) / 2)
 
 
 def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:

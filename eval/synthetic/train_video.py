@@ -11,6 +11,14 @@ object-centric (``tiny-model-notes.md``); stage B trains projector + LLM (tower 
 dense loss kept on; or frozen with ``--freeze-tower``, so that its features stay local) on the
 one-word answers through the model's own forward. Time-budgeted cosine
 schedules as the image model, so a run fits its budget on any device.
+
+Event supervision (``--event-aux``, stage B): the tower sees one frame at a time, so every
+temporal comparison has to happen in the tiny LLM, and trained on answers alone it did not learn
+one (the questions about motion and appearance stayed at chance). As the tower's dense per-patch
+loss does for objects, a linear head on the LLM's hidden state after layer ``--event-layer``
+classifies every video token (``EVENT_CLASSES``: static, or part of the object that moves left /
+moves right / appears / turns colour), which asks that layer to compare each cell across frames;
+the answers are still read through the LM head only, so they depend on the event's tokens.
 """
 from __future__ import annotations
 
@@ -27,7 +35,7 @@ import torch
 
 from .clips import FRAMES, VIDEO_WORDS, ClipSample, clip_split, render_clips, sample_clip, sample_clip_question
 from .questions import ANSWERS, VOCAB
-from .scenes import IMAGE_SIZE, PATCH
+from .scenes import IMAGE_SIZE, PATCH, render
 from .train import DenseHeads, PhaseTimer, cosine, objects_first, pad_rows, pair_targets
 
 SPECIAL = ["<pad>", "<s>", "</s>", "[UNK]", "<image>", "<video>"]
@@ -147,6 +155,46 @@ def evaluate(model: Any, tok: Any, samples: list[ClipSample], device: str, batch
     return {"accuracy": float(np.mean(allr)), **{t: float(np.mean(v)) for t, v in right.items()}}
 
 
+#: per-video-token classes of the event supervision (0: static background or an unchanged object)
+EVENT_CLASSES = ("static", "moves left", "moves right", "appears", "turns")
+
+
+def event_targets(clips: list[Any], labels: torch.Tensor) -> torch.Tensor:
+    """Clips and their patch labels [B, F, 16, 16, 3] -> [B, F * 64] long ``EVENT_CLASSES``
+    index per pooled video token: the clip's event class where the token shows an object and
+    its cell's content (colour, shape) is not the same in every frame, else 0."""
+    b, f = labels.shape[:2]
+    content = labels[..., 0] * 16 + labels[..., 1]                              # [B, F, 16, 16]
+    varies = (content != content[:, :1]).any(1).float()[:, None]                 # [B, 1, 16, 16]
+    cell = torch.nn.functional.max_pool2d(varies, 2, ceil_mode=True).reshape(b, 1, -1) > 0
+    present = pooled_objects(labels).reshape(b, f, -1)
+    cls = []
+    for c in clips:
+        if c.event == "move":
+            cls.append(1 if c.to[0] < c.scene.objects[c.target].x else 2)
+        else:
+            cls.append(3 if c.event == "appear" else 4)
+    cls_t = torch.tensor(cls, device=labels.device)[:, None, None]
+    return torch.where(present & cell, cls_t, 0).reshape(b, -1)
+
+
+def event_loss(head: torch.nn.Module, hidden: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
+               targets: torch.Tensor, video_token_id: int) -> torch.Tensor:
+    """Class-balanced cross-entropy of ``head`` on the LLM hidden states [B, L, d] of the attended
+    video tokens (newline excluded); targets [B, F * 64]. Event tokens are a few percent of a
+    clip, so event and static tokens are averaged separately and weighted equally."""
+    vid = ids == video_token_id
+    last = vid.long().cumsum(1) == vid.sum(1, keepdim=True)
+    frame_tok = vid & ~last                                                      # [B, L], F * 64 per row
+    logits = head(hidden[frame_tok].float())                                     # [B * F * 64, C]
+    tgt = targets.reshape(-1)
+    att = mask[frame_tok].bool()
+    ce = torch.nn.functional.cross_entropy(logits, tgt, reduction="none")
+    pos, neg = att & (tgt > 0), att & (tgt == 0)
+    parts = [ce[m].mean() for m in (pos, neg) if m.any()]
+    return torch.stack(parts).mean()
+
+
 def pooled_objects(labels: torch.Tensor) -> torch.Tensor:
     """Per-patch labels [B, F, 16, 16, 3] -> [B, F * 64] bool: the pooled video tokens (2 x 2
     patches each, in the model's frame-major order) that show part of an object."""
@@ -182,9 +230,12 @@ def drop_visual(ids: torch.Tensor, mask: torch.Tensor, video_token_id: int, gene
 
 def train(out: Path, device: str, seconds_a: float, seconds_b: float, batch: int, seed: int = 0,
           n_val: int = 200, lr_scale: float = 1.0, dropout: bool = True, freeze_tower: bool = False,
-          init: Path | None = None, object_share: float = 0.35, **model_kw: Any) -> dict[str, Any]:
+          init: Path | None = None, object_share: float = 0.35, event_aux: float = 0.0, event_layer: int = 2,
+          frames_a: int = FRAMES, **model_kw: Any) -> dict[str, Any]:
     """Stage A for ``seconds_a`` (skipped with 0), stage B for ``seconds_b``; ``freeze_tower``
-    trains projector + LLM only in stage B, ``init`` continues from a saved model."""
+    trains projector + LLM only in stage B, ``init`` continues from a saved model; ``event_aux``
+    weighs the event supervision of the LLM's layer ``event_layer`` (0: off); stage A trains on
+    ``frames_a`` random frames of each of ``batch`` clips (``FRAMES``: all of them)."""
     from tqdm import tqdm
 
     torch.manual_seed(seed)
@@ -203,7 +254,8 @@ def train(out: Path, device: str, seconds_a: float, seconds_b: float, batch: int
            else contextlib.nullcontext())
     log: dict[str, Any] = {"device": device, "batch": batch, "lr_scale": lr_scale, "dropout": dropout,
                            "freeze_tower": freeze_tower, "init": str(init) if init else None, "model": model_kw,
-                           "object_share": object_share}
+                           "object_share": object_share, "event_aux": event_aux, "event_layer": event_layer,
+                           "frames_a": frames_a}
     if init is not None and (Path(init) / "training.json").exists():
         log["previous"] = json.loads((Path(init) / "training.json").read_text())
 
@@ -223,12 +275,19 @@ def train(out: Path, device: str, seconds_a: float, seconds_b: float, batch: int
     # stage A: tower + dense heads on every frame
     opt = torch.optim.AdamW(list(tower.parameters()) + list(heads.parameters()), lr=1e-3)
     t0, step, timer = time.time(), 0, PhaseTimer(device)
+    recent: list[float] = []                   # patch shape accuracy of the last 50 stage-A steps
     with tqdm(desc="stage A (tower)", unit="step") as bar:
         while time.time() - t0 < seconds_a:
             for g in opt.param_groups:
                 g["lr"] = 1e-3 * cosine((time.time() - t0) / max(seconds_a, 1e-9))
             timer.start(step)
-            _, frames, labels, pairs = clips_batch(1)
+            if frames_a >= FRAMES:
+                _, frames, labels, pairs = clips_batch(1)
+            else:                # a few random frames per clip: the frames of a clip repeat each other
+                scenes = [c.frame(int(t)) for c in (sample_clip(rng) for _ in range(batch))
+                          for t in rng.choice(FRAMES, frames_a, replace=False)]
+                imgs, lab = render(scenes, device)
+                frames, labels, pairs = imgs[:, None], lab[:, None], pair_targets(scenes, device)
             timer.mark("data")
             with amp:
                 loss, info = dense(frames, labels, pairs, 1)
@@ -242,11 +301,17 @@ def train(out: Path, device: str, seconds_a: float, seconds_b: float, batch: int
             step += 1
             bar.update()
             bar.set_postfix(loss=f"{loss.item():.3f}", **{k: f"{v:.2f}" for k, v in info.items()})
+            recent = (recent + [info["patch_shape_acc"]])[-50:]
     log["steps_a"], log["phase_ms_a"] = step, timer.summary()
+    if recent:   # does the tower tell shapes apart? (the shape answers cannot be better than this)
+        log["stage_a_patch_shape_acc"] = round(float(np.mean(recent)), 3)
     # stage B: VQA through the model's forward; the tower fine-tuned with the dense loss kept on
     # (on every 4th frame), or frozen so that its stage-A features stay local
     tower.requires_grad_(not freeze_tower)
     params = [p for n, p in model.named_parameters() if not n.startswith("model.vision_tower")]
+    if event_aux > 0:            # a training-only head: not part of the saved model
+        event_head = torch.nn.Linear(model.config.text_config.hidden_size, len(EVENT_CLASSES)).to(device)
+        params += list(event_head.parameters())
     groups = [{"params": params, "lr": 5e-4 * lr_scale}]
     if not freeze_tower:
         groups.append({"params": list(tower.parameters()) + list(heads.parameters()), "lr": 1e-4 * lr_scale})
@@ -267,8 +332,13 @@ def train(out: Path, device: str, seconds_a: float, seconds_b: float, batch: int
             ids, mask, lab = ids.to(device), mask.to(device), lab.to(device)
             timer.mark("data")
             with amp:
-                out_ = model(input_ids=ids, attention_mask=mask, labels=lab, pixel_values_videos=normalise(frames))
+                out_ = model(input_ids=ids, attention_mask=mask, labels=lab, pixel_values_videos=normalise(frames),
+                             output_hidden_states=event_aux > 0)
                 loss = out_.loss if pairs is None else out_.loss + 0.2 * dense(frames, labels, pairs, 4)[0]
+                if event_aux > 0:
+                    ev = event_loss(event_head, out_.hidden_states[event_layer], ids, mask,
+                                    event_targets([s.clip for s in samples], labels), model.config.video_token_id)
+                    loss = loss + event_aux * ev
             timer.mark("forward")
             opt.zero_grad()
             loss.backward()
@@ -278,7 +348,7 @@ def train(out: Path, device: str, seconds_a: float, seconds_b: float, batch: int
             timer.mark("optimizer")
             step += 1
             bar.update()
-            bar.set_postfix(vqa=f"{out_.loss.item():.3f}")
+            bar.set_postfix(vqa=f"{out_.loss.item():.3f}", **({"event": f"{ev.item():.3f}"} if event_aux > 0 else {}))
     log["steps_b"], log["phase_ms_b"] = step, timer.summary()
     model.eval()
     log["validation"] = evaluate(model, tok, clip_split(n_val, 10_000 + seed), device)
@@ -307,11 +377,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--init", type=Path, help="continue from this saved model (e.g. with --seconds-a 0)")
     ap.add_argument("--object-share", type=float, default=0.35,
                     help="share of stage-B rows whose dropout keeps object tokens first (the rest: random)")
+    ap.add_argument("--event-aux", type=float, default=0.0,
+                    help="weight of the per-video-token event supervision of the LLM (0: answers only)")
+    ap.add_argument("--frames-a", type=int, default=FRAMES,
+                    help="stage A: random frames per clip (fewer = more scenes per step for the same tower work)")
+    ap.add_argument("--event-layer", type=int, default=2, help="LLM layer whose output the event head reads")
     a = ap.parse_args(argv)
     kw = {} if a.init else {"llm_layers": a.llm_layers}
     log = train(a.out, a.device, a.seconds_a, a.seconds_b, a.batch, a.seed, a.n_val, lr_scale=a.lr_scale,
                 dropout=not a.no_dropout, freeze_tower=a.freeze_tower, init=a.init,
-                object_share=a.object_share, **kw)
+                object_share=a.object_share, event_aux=a.event_aux, event_layer=a.event_layer,
+                frames_a=a.frames_a, **kw)
     print(json.dumps(log, indent=1))
     return log
 
