@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One lent-GPU session (no internet there): the GPU speed preset and/or training the tiny VQA model.
-#   bash eval/gpu_session.sh bench|holitom|train|train-video|fidelity|fidelity-video OUT_DIR
+#   bash eval/gpu_session.sh bench|holitom|train|train-video|probe-video|fidelity|fidelity-video OUT_DIR
 # Uses the machine's own torch/transformers; tokenprune is put on PYTHONPATH from a copy laid out as
 # the installed package (tokenprune/, tokenprune/patches, tokenprune/eval) so no pip is needed.
 set -uo pipefail
@@ -26,6 +26,8 @@ case "$what" in
            | tr '\r' '\n' | awk 'NR % 25 == 0 || !/it\/s|s\/it/' ;;
   fidelity) timeout -s TERM "${FIDELITY_SECONDS:-150}" python3 -m tokenprune.eval.synthetic.fidelity --out "$out" \
            ${FIDELITY_ARGS:-} 2>&1 | tr '\r' '\n' | grep -v 'it\]$' ;;
+  probe-video) timeout -s TERM 120 python3 -m tokenprune.eval.synthetic.probe_video ${PROBE_ARGS:-} 2>"$out/probe_video.err" \
+           | tee "$out/probe_video.json" ;;
   fidelity-video) timeout -s TERM "${FIDELITY_SECONDS:-150}" python3 -m tokenprune.eval.synthetic.fidelity_video \
            --out "$out" ${FIDELITY_ARGS:-} 2>&1 | tr '\r' '\n' | grep -v 'it\]$' ;;
 esac

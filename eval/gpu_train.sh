@@ -12,7 +12,7 @@ export SECONDS_A=${SECONDS_A:-60} SECONDS_B=${SECONDS_B:-300} TRAIN_SECONDS=${TR
 # time budgets only (the step caps are out of reach); the shipped LLM warm-starts the image LLM
 TRAIN_ARGS="--freeze-tower --init-llm $(pwd)/assets/tiny-llava-vqa --steps-a 100000 --steps-b 100000" \
   bash eval/gpu_session.sh train "$work/img" > "$work/img.log" 2>&1 &
-TRAIN_ARGS="--freeze-tower" bash eval/gpu_session.sh train-video "$work/vid" > "$work/vid.log" 2>&1 &
+TRAIN_ARGS="--freeze-tower --shape-weight 10" bash eval/gpu_session.sh train-video "$work/vid" > "$work/vid.log" 2>&1 &
 wait
 for v in img vid; do tail -n 30 "$work/$v.log" | tee -a "$log"; done
 [ -d "$work/img/tiny-llava-vqa" ] && tar czf "$OUT/image.tgz" -C "$work/img" tiny-llava-vqa
@@ -21,6 +21,9 @@ mkdir -p "$work/results"
 export FIDELITY_SECONDS=${FIDELITY_SECONDS:-120}
 [ -d "$work/img/tiny-llava-vqa" ] && FIDELITY_ARGS="--model $work/img/tiny-llava-vqa --n ${FIDELITY_N:-500}" \
   bash eval/gpu_session.sh fidelity "$work/results" 2>&1 | tail -n 20 | tee -a "$log" &
+# does the video tower tell shapes apart? (linear probes; the shape answers cannot beat them)
+[ -d "$work/vid/tiny-ov-video" ] && PROBE_ARGS="--model $work/vid/tiny-ov-video" \
+  bash eval/gpu_session.sh probe-video "$work/results" 2>&1 | tail -n 20 | tee -a "$log"
 [ -d "$work/vid/tiny-ov-video" ] && FIDELITY_ARGS="--model $work/vid/tiny-ov-video --n ${FIDELITY_NV:-200}" \
   bash eval/gpu_session.sh fidelity-video "$work/results" 2>&1 | tail -n 20 | tee -a "$log" &
 wait

@@ -137,6 +137,33 @@ def test_video_training_single_frames_in_stage_a_and_event_supervision(tmp_path)
     assert not any("event" in k for k in saved.state_dict())
 
 
+def test_dense_shape_loss_object_weight():
+    """object_weight=1 is the unweighted loss (no weight tensor at all, so the image trainer is
+    unchanged); a larger weight moves the shape loss towards the object patches' loss."""
+    from tokenprune.eval.synthetic.train import N_PAIRS, DenseHeads
+
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 257, 32, generator=g)
+    labels = torch.zeros(2, 16, 16, 3, dtype=torch.long)
+    labels[:, 4:6, 4:6, 0], labels[:, 4:6, 4:6, 1] = 3, 2                # one 2 x 2-patch object
+    pairs = torch.zeros(2, N_PAIRS)
+    torch.manual_seed(0)
+    plain = DenseHeads(32)
+    torch.manual_seed(0)
+    weighted = DenseHeads(32, object_weight=10.0)
+    assert plain.shape_weight is None and DenseHeads(32, 1.0).shape_weight is None
+    lp, info = plain.loss(hidden, labels, pairs)
+    lw, _ = weighted.loss(hidden, labels, pairs)
+    h = plain.norm(hidden)[:, 1:]
+    ce = torch.nn.functional.cross_entropy(plain.shape(h).transpose(1, 2), labels[..., 1].reshape(2, -1),
+                                           reduction="none")
+    obj = labels[..., 1].reshape(2, -1) > 0
+    w = torch.where(obj, 10.0, 1.0)
+    expected = (ce * w).sum() / w.sum() - ce.mean()                       # the only term that changes
+    torch.testing.assert_close(lw - lp, expected)
+    assert 0 <= info["patch_shape_acc"] <= 1
+
+
 def test_video_dropout_masks_only_video_tokens_and_keeps_newline():
     """Visual-token dropout removes video tokens only (through the mask), keeps the first video
     token and the trailing newline, leaves padding and text alone, and keeps whole rows sometimes."""

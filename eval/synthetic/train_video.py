@@ -231,11 +231,12 @@ def drop_visual(ids: torch.Tensor, mask: torch.Tensor, video_token_id: int, gene
 def train(out: Path, device: str, seconds_a: float, seconds_b: float, batch: int, seed: int = 0,
           n_val: int = 200, lr_scale: float = 1.0, dropout: bool = True, freeze_tower: bool = False,
           init: Path | None = None, object_share: float = 0.35, event_aux: float = 0.0, event_layer: int = 2,
-          frames_a: int = FRAMES, **model_kw: Any) -> dict[str, Any]:
+          frames_a: int = FRAMES, shape_weight: float = 1.0, **model_kw: Any) -> dict[str, Any]:
     """Stage A for ``seconds_a`` (skipped with 0), stage B for ``seconds_b``; ``freeze_tower``
     trains projector + LLM only in stage B, ``init`` continues from a saved model; ``event_aux``
     weighs the event supervision of the LLM's layer ``event_layer`` (0: off); stage A trains on
-    ``frames_a`` random frames of each of ``batch`` clips (``FRAMES``: all of them)."""
+    ``frames_a`` random frames of each of ``batch`` clips (``FRAMES``: all of them), with the
+    object classes of the dense shape loss weighted ``shape_weight`` against background."""
     from tqdm import tqdm
 
     torch.manual_seed(seed)
@@ -247,7 +248,7 @@ def train(out: Path, device: str, seconds_a: float, seconds_b: float, batch: int
                                                                        attn_implementation="sdpa").to(device).train()
     tower = model.model.vision_tower
     tok = build_tokenizer()
-    heads = DenseHeads(model.config.vision_config.hidden_size).to(device)
+    heads = DenseHeads(model.config.vision_config.hidden_size, shape_weight).to(device)
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
     amp = (torch.autocast("cuda", dtype=torch.bfloat16) if str(device).startswith("cuda")
@@ -255,7 +256,7 @@ def train(out: Path, device: str, seconds_a: float, seconds_b: float, batch: int
     log: dict[str, Any] = {"device": device, "batch": batch, "lr_scale": lr_scale, "dropout": dropout,
                            "freeze_tower": freeze_tower, "init": str(init) if init else None, "model": model_kw,
                            "object_share": object_share, "event_aux": event_aux, "event_layer": event_layer,
-                           "frames_a": frames_a}
+                           "frames_a": frames_a, "shape_weight": shape_weight}
     if init is not None and (Path(init) / "training.json").exists():
         log["previous"] = json.loads((Path(init) / "training.json").read_text())
 
@@ -381,13 +382,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="weight of the per-video-token event supervision of the LLM (0: answers only)")
     ap.add_argument("--frames-a", type=int, default=FRAMES,
                     help="stage A: random frames per clip (fewer = more scenes per step for the same tower work)")
+    ap.add_argument("--shape-weight", type=float, default=1.0,
+                    help="weight of the object classes in the tower's dense shape loss (background: 1)")
     ap.add_argument("--event-layer", type=int, default=2, help="LLM layer whose output the event head reads")
     a = ap.parse_args(argv)
     kw = {} if a.init else {"llm_layers": a.llm_layers}
     log = train(a.out, a.device, a.seconds_a, a.seconds_b, a.batch, a.seed, a.n_val, lr_scale=a.lr_scale,
                 dropout=not a.no_dropout, freeze_tower=a.freeze_tower, init=a.init,
                 object_share=a.object_share, event_aux=a.event_aux, event_layer=a.event_layer,
-                frames_a=a.frames_a, **kw)
+                frames_a=a.frames_a, shape_weight=a.shape_weight, **kw)
     print(json.dumps(log, indent=1))
     return log
 
