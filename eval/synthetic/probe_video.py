@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from .clips import FRAMES, clip_split, render_clips
-from .train_video import build_tokenizer, encode, normalise
+from .train_video import build_tokenizer, cell_max, encode, normalise
 
 #: (label channel of the patch labels, name, classes)
 TARGETS = ((0, "colour", 6), (1, "shape", 4))
@@ -87,8 +87,7 @@ def run(model_path: str | Path | None = None, n: int = 64) -> dict[str, Any]:
     res: dict[str, Any] = {"model": str(model_path or default_model()), "n": n}
     for ch, name, k in TARGETS:
         patch = labels[..., ch].reshape(b, -1)                                            # [n, F * 256]
-        pooled = torch.nn.functional.max_pool2d(labels[..., ch].float().flatten(0, 1)[:, None], 2,
-                                                ceil_mode=True).reshape(b, -1).long()     # [n, F * 64]
+        pooled = cell_max(labels[..., ch]).reshape(b, -1).long()                          # [n, F * 64]
         held = pooled[b // 2:][pooled[b // 2:] > 0] - 1
         res.setdefault("tower", {})[name] = linear_probe(tower, patch, k)
         res.setdefault("llm_input", {})[name] = linear_probe(emb, pooled, k)

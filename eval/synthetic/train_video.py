@@ -165,8 +165,7 @@ def event_targets(clips: list[Any], labels: torch.Tensor) -> torch.Tensor:
     its cell's content (colour, shape) is not the same in every frame, else 0."""
     b, f = labels.shape[:2]
     content = labels[..., 0] * 16 + labels[..., 1]                              # [B, F, 16, 16]
-    varies = (content != content[:, :1]).any(1).float()[:, None]                 # [B, 1, 16, 16]
-    cell = torch.nn.functional.max_pool2d(varies, 2, ceil_mode=True).reshape(b, 1, -1) > 0
+    cell = cell_max((content != content[:, :1]).any(1))[:, None] > 0            # [B, 1, 64]
     present = pooled_objects(labels).reshape(b, f, -1)
     cls = []
     for c in clips:
@@ -195,12 +194,17 @@ def event_loss(head: torch.nn.Module, hidden: torch.Tensor, ids: torch.Tensor, m
     return torch.stack(parts).mean()
 
 
+def cell_max(grid: torch.Tensor) -> torch.Tensor:
+    """Per-patch values [..., 16, 16] -> [..., 64] float: the max over the 2 x 2 patches of each
+    pooled video token, in the model's row-major pooled order."""
+    pooled = torch.nn.functional.max_pool2d(grid.float().reshape(-1, 1, *grid.shape[-2:]), 2, ceil_mode=True)
+    return pooled.reshape(*grid.shape[:-2], -1)
+
+
 def pooled_objects(labels: torch.Tensor) -> torch.Tensor:
     """Per-patch labels [B, F, 16, 16, 3] -> [B, F * 64] bool: the pooled video tokens (2 x 2
     patches each, in the model's frame-major order) that show part of an object."""
-    obj = (labels[..., 1] > 0).float().flatten(0, 1)[:, None]                 # [B*F, 1, 16, 16]
-    pooled = torch.nn.functional.max_pool2d(obj, 2, ceil_mode=True) > 0       # [B*F, 1, 8, 8]
-    return pooled.reshape(labels.shape[0], -1)
+    return cell_max(labels[..., 1] > 0).reshape(labels.shape[0], -1) > 0
 
 
 def drop_visual(ids: torch.Tensor, mask: torch.Tensor, video_token_id: int, generator: torch.Generator | None = None,
