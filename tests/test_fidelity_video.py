@@ -112,7 +112,7 @@ def test_probe_reads_colour_from_the_shipped_video_model():
     and from the LLM input; the shape numbers are what the README reports (measured, not pinned)."""
     from tokenprune.eval.synthetic.probe_video import run as probe
 
-    res = probe(default_model(), n=32)
+    res = probe(default_model(), n=64)
     assert res["tower"]["colour"] >= 0.9 and res["llm_input"]["colour"] >= 0.9
     for where in ("tower", "llm_input"):
         assert 0 <= res[where]["shape"] <= 1
