@@ -40,7 +40,8 @@ class DenseHeads(nn.Module):
         super().__init__()
         # weight of the object classes in the shape loss (background = 1): objects are a few
         # percent of the patches, so at 1 the background dominates the shape gradient
-        self.shape_weight = None if object_weight == 1.0 else torch.tensor([1.0] + [object_weight] * len(SHAPES))
+        self.register_buffer("shape_weight", None if object_weight == 1.0 else
+                             torch.tensor([1.0] + [object_weight] * len(SHAPES)), persistent=False)
         self.norm = nn.LayerNorm(d)
         self.color = nn.Linear(d, len(COLOR_NAMES) + 1)
         self.shape = nn.Linear(d, len(SHAPES) + 1)
@@ -53,8 +54,7 @@ class DenseHeads(nn.Module):
         patch, cls = h[:, 1:], h[:, 0]
         lab = labels.reshape(labels.shape[0], -1, 3)
         lc = F.cross_entropy(self.color(patch).transpose(1, 2), lab[..., 0])
-        w = None if self.shape_weight is None else self.shape_weight.to(h.device)
-        ls = F.cross_entropy(self.shape(patch).transpose(1, 2), lab[..., 1], weight=w)
+        ls = F.cross_entropy(self.shape(patch).transpose(1, 2), lab[..., 1], weight=self.shape_weight)
         lz = F.binary_cross_entropy_with_logits(self.centre(patch)[..., 0], lab[..., 2].float(),
                                                 pos_weight=torch.tensor(20.0, device=h.device))
         lp = F.binary_cross_entropy_with_logits(self.pairs(cls), pairs, pos_weight=torch.tensor(9.0, device=h.device))

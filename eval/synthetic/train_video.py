@@ -12,13 +12,13 @@ dense loss kept on; or frozen with ``--freeze-tower``, so that its features stay
 one-word answers through the model's own forward. Time-budgeted cosine
 schedules as the image model, so a run fits its budget on any device.
 
-Event supervision (``--event-aux``, stage B): the tower sees one frame at a time, so every
-temporal comparison has to happen in the tiny LLM, and trained on answers alone it did not learn
-one (the questions about motion and appearance stayed at chance). As the tower's dense per-patch
-loss does for objects, a linear head on the LLM's hidden state after layer ``--event-layer``
-classifies every video token (``EVENT_CLASSES``: static, or part of the object that moves left /
-moves right / appears / turns colour), which asks that layer to compare each cell across frames;
-the answers are still read through the LM head only, so they depend on the event's tokens.
+Event supervision (``--event-aux``, stage B; off by default): the tower sees one frame at a time,
+so every temporal comparison has to happen in the tiny LLM. As the tower's dense per-patch loss
+does for objects, a linear head on the LLM's hidden state after layer ``--event-layer`` classifies
+every video token (``EVENT_CLASSES``: static, or part of the object that moves left / moves right /
+appears / turns colour), which asks that layer to compare each cell across frames; the answers are
+still read through the LM head only. In CPU trials it did not help, because the shipped tower does
+not encode shape at all (``probe_video``); ``--shape-weight`` is what fixes that in stage A.
 """
 from __future__ import annotations
 
@@ -277,7 +277,7 @@ def train(out: Path, device: str, seconds_a: float, seconds_b: float, batch: int
     def dense(frames: torch.Tensor, labels: torch.Tensor, pairs: torch.Tensor, every: int) -> tuple:
         return dense_loss(heads, tower_hidden(model, frames[:, ::every]), labels[:, ::every].flatten(0, 1), pairs)
 
-    # stage A: tower + dense heads on every frame
+    # stage A: tower + dense heads on every frame (or frames_a random frames) of each clip
     opt = torch.optim.AdamW(list(tower.parameters()) + list(heads.parameters()), lr=1e-3)
     t0, step, timer = time.time(), 0, PhaseTimer(device)
     recent: list[float] = []                   # patch shape accuracy of the last 50 stage-A steps
