@@ -2,8 +2,7 @@
 from assets/, its unpruned accuracy on a fixed test subset, and floors pinned at the values measured
 for every video row at keep 0.333 and 0.111 (100 clips of the test split), so that a change that
 silently breaks a strategy's selection fails. Tolerance: 3 clips for accuracy, 2 points of event
-recall (share of the changed tokens kept: the deterministic metric that discriminates on this
-model; its answers barely do, see the README)."""
+recall (share of the changed tokens kept, or merged over time at their cell)."""
 from __future__ import annotations
 
 import pytest
@@ -12,18 +11,20 @@ from tokenprune.eval.synthetic.fidelity_video import FLOORS_N as N
 from tokenprune.eval.synthetic.fidelity_video import default_model, load, run
 
 TOL = 3 / N
-#: measured 2026-11-26 (CPU, torch 2.14.1, transformers 5.24.0): accuracy, event recall
+#: measured 2026-11-27 (CPU, torch 2.14.1, transformers 5.24.0; the video model started from the
+#: image model): accuracy, event recall
 FLOORS: dict[tuple[str, float], tuple[float, float]] = {
-    ("holitom", 0.333): (0.57, 0.999), ("holitom", 0.111): (0.54, 0.900),
-    ("holitom w/o M", 0.333): (0.57, 0.999), ("holitom w/o M", 0.111): (0.53, 0.900),
-    ("hiprune", 0.333): (0.57, 0.589), ("hiprune", 0.111): (0.55, 0.469),
-    ("visionzip", 0.333): (0.58, 0.598), ("visionzip", 0.111): (0.55, 0.440),
-    ("fastv", 0.333): (0.55, 0.316), ("fastv", 0.111): (0.53, 0.145),
-    ("fastv (layer=1)", 0.333): (0.54, 0.603), ("fastv (layer=1)", 0.111): (0.54, 0.285),   # 2026-11-27
-    ("random", 0.333): (0.54, 0.372), ("random", 0.111): (0.53, 0.140),
-    ("pool", 0.333): (0.55, 0.344), ("pool", 0.111): (0.53, 0.139),
+    ("holitom", 0.333): (0.89, 0.998), ("holitom", 0.111): (0.79, 0.687),
+    ("holitom w/o M", 0.333): (0.89, 0.998), ("holitom w/o M", 0.111): (0.81, 0.687),
+    ("holitom (tau=0.95)", 0.333): (0.93, 0.980), ("holitom (tau=0.95)", 0.111): (0.85, 0.637),
+    ("hiprune", 0.333): (0.90, 0.637), ("hiprune", 0.111): (0.86, 0.506),
+    ("visionzip", 0.333): (0.90, 0.659), ("visionzip", 0.111): (0.86, 0.476),
+    ("fastv", 0.333): (0.88, 0.550), ("fastv", 0.111): (0.88, 0.381),
+    ("fastv (layer=1)", 0.333): (0.87, 0.280), ("fastv (layer=1)", 0.111): (0.69, 0.097),
+    ("random", 0.333): (0.87, 0.372), ("random", 0.111): (0.82, 0.140),
+    ("pool", 0.333): (0.88, 0.344), ("pool", 0.111): (0.84, 0.139),
 }
-UNPRUNED = 0.57
+UNPRUNED = 0.91
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,7 @@ def test_loads_offline_from_assets():
 
 def test_unpruned_accuracy(result):
     assert result["unpruned"] >= UNPRUNED - TOL
-    assert result["unpruned_by_type"]["turns"] >= 0.9
+    assert result["unpruned_by_type"]["turns"] >= 0.9 and result["unpruned_by_type"]["appears"] >= 0.9
 
 
 @pytest.mark.parametrize("key", sorted(FLOORS))
@@ -60,7 +61,16 @@ def test_benchmark_discriminates_by_event_recall(result):
     assert rows[("holitom", 0.111)]["event_recall"] >= 4 * rows[("random", 0.111)]["event_recall"]
     # merging the static background over time frees budget for what changes: more than per-frame
     # attention keeps
-    assert rows[("holitom", 0.111)]["event_recall"] >= rows[("hiprune", 0.111)]["event_recall"] + 0.2
+    assert rows[("holitom", 0.111)]["event_recall"] >= rows[("hiprune", 0.111)]["event_recall"] + 0.1
+
+
+def test_benchmark_discriminates_by_answers(result):
+    """The answers need the event's tokens (the first video model's did not): the unpatched model
+    shown changed tokens first answers far better than shown static ones only, and random at 0.111
+    is clearly below unpruned."""
+    rows = {(r["strategy"], r["keep"]): r for r in result["rows"]}
+    assert rows[("changed first", 0.111)]["accuracy"] >= rows[("static only", 0.111)]["accuracy"] + 0.1
+    assert rows[("random", 0.111)]["accuracy"] <= result["unpruned"] - 0.05
 
 
 def test_event_recall_credits_temporal_merges_only():
@@ -106,14 +116,29 @@ def test_video_controls_in_the_benchmark(result):
         assert rows[("changed first", keep)]["event_recall"] >= 0.9
 
 
-def test_probe_reads_colour_from_the_shipped_video_model():
-    """The linear probe (eval/synthetic/probe_video.py) recovers what the shipped model's tokens are
-    known to carry — colour, which its colour-change answers read at 99% — from the tower output
-    and from the LLM input; the shape numbers are what the README reports (measured, not pinned)."""
+def test_probe_reads_colour_and_shape_from_the_shipped_video_model():
+    """The linear probe (eval/synthetic/probe_video.py) recovers colour and shape from the shipped
+    model's tower output and LLM input (measured 93.1% / 91.1% for shape; the first video model's
+    tower did not encode shape, 29.7%, which is why its shape answers stayed at chance)."""
     from tokenprune.eval.synthetic.probe_video import run as probe
 
     res = probe(default_model(), n=64)
     assert res["tower"]["colour"] >= 0.9 and res["llm_input"]["colour"] >= 0.9
-    for where in ("tower", "llm_input"):
-        assert 0 <= res[where]["shape"] <= 1
+    assert res["tower"]["shape"] >= 0.88 and res["llm_input"]["shape"] >= 0.86
     assert 0 < res["majority"]["colour"] < 0.5 and 0 < res["majority"]["shape"] < 1
+
+
+def test_holitom_tau_diagnostic():
+    """eval/synthetic/holitom_tau: the changed tokens' fates partition them, tau None resolves to
+    the official default, and the similarity quantiles are ordered (the README's numbers come from
+    its full run, eval/results/holitom_tau_video.*)."""
+    from tokenprune.eval.synthetic.holitom_tau import run as tau_run
+    from tokenprune.eval.synthetic.holitom_tau import to_markdown
+
+    res = tau_run(default_model(), n=6, settings=((0.111, None), (0.056, None), (0.111, 0.95)))
+    assert [r["tau"] for r in res["holitom_wo_m"]] == [0.8, 0.65, 0.95]
+    for r in res["holitom_wo_m"]:
+        assert abs(r["covered"] + r["merged elsewhere"] + r["dropped"] - 1) < 1e-9 and 0 <= r["accuracy"] <= 1
+    for q in res["similarity"].values():
+        assert q == sorted(q) and -1 <= q[0] and q[-1] <= 1 + 1e-6
+    assert to_markdown(res).count("\n| 0.") == 3

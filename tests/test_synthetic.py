@@ -356,3 +356,60 @@ def test_dropout_masks_mix_full_random_and_object_centred_rows():
     rand = dropout_masks(objects, object_share=0.0)
     rand = rand[~rand.all(1)]
     assert ((rand[:, 20:].sum(1) == 0) | rand[:, :20].all(1)).float().mean() < 0.1
+
+
+def test_video_model_from_image_model_carries_tower_projector_and_llm_over():
+    """transfer.from_image_model: the patch embedding on SigLIP-normalised pixels equals the image
+    tower's on CLIP-normalised pixels (normalisation folded into the conv); the tower layers up to
+    the image feature layer and the projector are copied; the Qwen2 LLM (zero q/k/v biases) is the
+    same function as the Llama one; word rows are copied by word."""
+    from transformers import LlavaForConditionalGeneration
+
+    from tokenprune.eval.synthetic import model as image_model
+    from tokenprune.eval.synthetic import train_video
+    from tokenprune.eval.synthetic.transfer import from_image_model
+    from tokenprune.runner import ASSETS
+
+    path = ASSETS / "tiny-llava-vqa"
+    image = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    video = from_image_model(path).eval()
+    assert video.config.vision_config.num_hidden_layers == 5          # vision_feature_layer -2 of 6
+    assert video.config.vision_config.hidden_act == image.config.vision_config.hidden_act
+    imgs, _ = render([sample_scene(np.random.default_rng(3))])
+    with torch.no_grad():
+        a = image.model.vision_tower.embeddings.patch_embedding(image_model.normalise(imgs))
+        b = video.model.vision_tower.embeddings.patch_embedding(train_video.normalise(imgs))
+    torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+    isd, vsd = image.state_dict(), video.state_dict()
+    for k in ("model.vision_tower.encoder.layers.4.mlp.fc2.weight", "model.multi_modal_projector.linear_2.bias"):
+        assert torch.equal(vsd[k], isd[k])
+    assert torch.equal(vsd["model.vision_tower.embeddings.position_embedding.weight"],
+                       isd["model.vision_tower.embeddings.position_embedding.weight"][1:])
+    x = torch.randn(2, 12, 256, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(video.model.language_model(inputs_embeds=x).last_hidden_state,
+                                   image.model.language_model(inputs_embeds=x).last_hidden_state)
+    iv, vv = image_model.build_tokenizer().get_vocab(), train_video.build_tokenizer().get_vocab()
+    for vw, iw in (("triangle", "triangle"), ("red", "red"), ("<video>", "<image>")):
+        assert torch.equal(vsd["lm_head.weight"][vv[vw]], isd["lm_head.weight"][iv[iw]])
+        assert torch.equal(vsd["model.language_model.embed_tokens.weight"][vv[vw]],
+                           isd["model.language_model.embed_tokens.weight"][iv[iw]])
+
+
+def test_video_training_from_image_model_command(tmp_path):
+    """--init-image through the real command line: the saved video model has the image model's
+    5-layer quick_gelu tower; --init and --init-image together are refused."""
+    import pytest
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    from tokenprune.eval.synthetic.train_video import main
+    from tokenprune.runner import ASSETS
+
+    image = str(ASSETS / "tiny-llava-vqa")
+    log = main(["--out", str(tmp_path / "m"), "--device", "cpu", "--init-image", image,
+                "--seconds-a", "0.5", "--seconds-b", "0.5", "--batch", "2", "--n-val", "2", "--freeze-tower"])
+    assert log["init_image"] == image and log["steps_a"] >= 1 and log["steps_b"] >= 1
+    saved = LlavaOnevisionForConditionalGeneration.from_pretrained(tmp_path / "m")
+    assert saved.config.vision_config.num_hidden_layers == 5 and saved.config.vision_config.hidden_act == "quick_gelu"
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "x"), "--init", str(tmp_path / "m"), "--init-image", image])

@@ -3,8 +3,12 @@
     python -m tokenprune.eval.synthetic.train_video --out assets/tiny-ov-video [--device cuda]
 
 The model is a real ``LlavaOnevisionForConditionalGeneration`` (SigLIP-style tower 224 px / 14 ->
-16 x 16 patches per frame, 6 x 128, no CLS; Qwen2 LLM 4 x 256) with a real
+16 x 16 patches per frame, 6 x 128 from scratch, no CLS; Qwen2 LLM 4 x 256) with a real
 ``LlavaOnevisionProcessor`` built offline; a clip of 8 frames is 8 x 64 pooled tokens + 1 newline.
+``--init-image assets/tiny-llava-vqa`` (the shipped model's recipe) starts instead from the tiny
+image model's tower (5 layers), projector and LLM (:mod:`.transfer`): from scratch on a CPU the
+tower never learned shapes and the LLM never learned the lookup; from the image model, 4 minutes
+of stage A and 40 of stage B reach 90% on the test clips.
 Stage A trains the tower with dense per-patch supervision on every frame (colour, shape,
 object centre; a mean-token pair head stands in for CLS), which makes its attention
 object-centric (``tiny-model-notes.md``); stage B trains projector + LLM (tower fine-tuned, the
@@ -17,8 +21,8 @@ so every temporal comparison has to happen in the tiny LLM. As the tower's dense
 does for objects, a linear head on the LLM's hidden state after layer ``--event-layer`` classifies
 every video token (``EVENT_CLASSES``: static, or part of the object that moves left / moves right /
 appears / turns colour), which asks that layer to compare each cell across frames; the answers are
-still read through the LM head only. In CPU trials it did not help, because the shipped tower does
-not encode shape at all (``probe_video``); ``--shape-weight`` is what fixes that in stage A.
+still read through the LM head only. In CPU trials from scratch it did not help, because that
+tower did not encode shape at all (``probe_video``); the shipped model did not need it.
 """
 from __future__ import annotations
 
@@ -235,16 +239,21 @@ def drop_visual(ids: torch.Tensor, mask: torch.Tensor, video_token_id: int, gene
 def train(out: Path, device: str, seconds_a: float, seconds_b: float, batch: int, seed: int = 0,
           n_val: int = 200, lr_scale: float = 1.0, dropout: bool = True, freeze_tower: bool = False,
           init: Path | None = None, object_share: float = 0.35, event_aux: float = 0.0, event_layer: int = 2,
-          frames_a: int = FRAMES, shape_weight: float = 1.0, **model_kw: Any) -> dict[str, Any]:
+          frames_a: int = FRAMES, shape_weight: float = 1.0, init_image: Path | None = None,
+          **model_kw: Any) -> dict[str, Any]:
     """Stage A for ``seconds_a`` (skipped with 0), stage B for ``seconds_b``; ``freeze_tower``
     trains projector + LLM only in stage B, ``init`` continues from a saved model; ``event_aux``
     weighs the event supervision of the LLM's layer ``event_layer`` (0: off); stage A trains on
     ``frames_a`` random frames of each of ``batch`` clips (``FRAMES``: all of them), with the
-    object classes of the dense shape loss weighted ``shape_weight`` against background."""
+    object classes of the dense shape loss weighted ``shape_weight`` against background;
+    ``init_image`` starts from the tiny image model's tower, projector and LLM (:mod:`.transfer`)."""
     from tqdm import tqdm
 
     torch.manual_seed(seed)
-    if init is None:
+    if init_image is not None:
+        from .transfer import from_image_model
+        model = from_image_model(init_image, seed, device).train()
+    elif init is None:
         model = build_model(seed, device, **model_kw).train()
     else:
         from transformers import LlavaOnevisionForConditionalGeneration
@@ -260,7 +269,8 @@ def train(out: Path, device: str, seconds_a: float, seconds_b: float, batch: int
     log: dict[str, Any] = {"device": device, "batch": batch, "lr_scale": lr_scale, "dropout": dropout,
                            "freeze_tower": freeze_tower, "init": str(init) if init else None, "model": model_kw,
                            "object_share": object_share, "event_aux": event_aux, "event_layer": event_layer,
-                           "frames_a": frames_a, "shape_weight": shape_weight}
+                           "frames_a": frames_a, "shape_weight": shape_weight,
+                           "init_image": str(init_image) if init_image else None}
     if init is not None and (Path(init) / "training.json").exists():
         log["previous"] = json.loads((Path(init) / "training.json").read_text())
 
@@ -380,6 +390,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--freeze-tower", action="store_true",
                     help="stage B trains projector + LLM only (tower features stay as stage A left them)")
     ap.add_argument("--init", type=Path, help="continue from this saved model (e.g. with --seconds-a 0)")
+    ap.add_argument("--init-image", type=Path,
+                    help="start from this tiny image model's tower, projector and LLM (e.g. assets/tiny-llava-vqa)")
     ap.add_argument("--object-share", type=float, default=0.35,
                     help="share of stage-B rows whose dropout keeps object tokens first (the rest: random)")
     ap.add_argument("--event-aux", type=float, default=0.0,
@@ -390,11 +402,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="weight of the object classes in the tower's dense shape loss (background: 1)")
     ap.add_argument("--event-layer", type=int, default=2, help="LLM layer whose output the event head reads")
     a = ap.parse_args(argv)
-    kw = {} if a.init else {"llm_layers": a.llm_layers}
+    if a.init and a.init_image:
+        ap.error("--init and --init-image are exclusive")
+    kw = {} if a.init or a.init_image else {"llm_layers": a.llm_layers}
     log = train(a.out, a.device, a.seconds_a, a.seconds_b, a.batch, a.seed, a.n_val, lr_scale=a.lr_scale,
                 dropout=not a.no_dropout, freeze_tower=a.freeze_tower, init=a.init,
                 object_share=a.object_share, event_aux=a.event_aux, event_layer=a.event_layer,
-                frames_a=a.frames_a, shape_weight=a.shape_weight, **kw)
+                frames_a=a.frames_a, shape_weight=a.shape_weight, init_image=a.init_image, **kw)
     print(json.dumps(log, indent=1))
     return log
 

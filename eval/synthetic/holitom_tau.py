@@ -1,0 +1,120 @@
+"""HoliTom's static threshold tau on the tiny video model: is a changing cell "static"?
+
+    python -m tokenprune.eval.synthetic.holitom_tau [--n 100] [--out eval/results]
+
+HoliTom's outer stage calls a cell static over a window when the cosine similarity of its features
+between consecutive frames stays above tau (official: 0.8, 0.65 at keep <= 0.1, set on
+LLaVA-OV-7B), and averages it over the window. This measures (1) that similarity on the features the
+outer stage compares (pooled, projected) at cells whose pixels change vs cells that do not, and (2)
+HoliTom w/o M at a few (keep, tau) pairs: accuracy, and what became of the changed tokens —
+*covered* (kept, or merged over time at their cell: what the event recall credits), *merged
+elsewhere* (into a token at another cell), *dropped*.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import tokenprune
+
+from ..results_io import save_results
+from ..tiny import ov_pooled_side
+from .clips import FRAMES, clip_split, render_clips
+from .fidelity_video import TEST_SEED, kept_in_place, load, prepare
+from .probe_video import PROBE_SEED
+from .probe_video import features as probe_features
+
+#: (keep, tau): the official thresholds at 0.111 / 0.056 and higher ones
+SETTINGS = ((0.111, None), (0.111, 0.9), (0.111, 0.95), (0.056, None), (0.056, 0.95))
+
+
+@torch.no_grad()
+def frame_similarity(model: Any, n: int) -> dict[str, list[float]]:
+    """5 / 50 / 95% quantiles of the consecutive-frame cosine similarity of the video tokens at the
+    LLM's input (the pooled, projected features the outer stage compares; the probe's clips), at
+    cells whose pixels change between the two frames and at the others."""
+    _, emb, _ = probe_features(model, n)                                   # [n, F * cells, d]
+    frames, _ = render_clips([s.clip for s in clip_split(n, PROBE_SEED)])
+    cells = emb.shape[1] // FRAMES
+    f = emb.reshape(n, FRAMES, cells, -1)
+    sim = torch.nn.functional.cosine_similarity(f[:, 1:], f[:, :-1], dim=-1)          # [n, F-1, cells]
+    px = torch.nn.functional.adaptive_avg_pool2d(frames.flatten(0, 1), int(cells ** 0.5))
+    px = px.reshape(n, FRAMES, 3, cells)
+    changed = (px[:, 1:] - px[:, :-1]).abs().amax(2) > 1e-3
+    q = torch.tensor([0.05, 0.5, 0.95])
+    return {"changed": torch.quantile(sim[changed], q).tolist(), "unchanged": torch.quantile(sim[~changed], q).tolist()}
+
+
+@torch.no_grad()
+def sweep(model: Any, processor: Any, n: int, settings: tuple = SETTINGS, batch: int = 20) -> list[dict[str, Any]]:
+    """HoliTom w/o M at each (keep, tau) on ``n`` test clips (tau None: the official default)."""
+    data = prepare(processor, clip_split(n, TEST_SEED), ov_pooled_side(model.config.vision_config))
+    enc, rows = data["inputs"], []
+    for keep, tau in settings:
+        h = tokenprune.apply(model, "holitom", keep=keep, inner_merge=False, **({} if tau is None else {"tau": tau}))
+        fate, right = np.zeros(3), []
+        try:
+            for s in range(0, n, batch):
+                pred = model(**{k: v[s:s + batch] for k, v in enc.items()}, logits_to_keep=1).logits[:, -1].argmax(-1)
+                right += (pred == data["answers"][s:s + batch]).tolist()
+                st = h.last_stats
+                for i, kept in enumerate(st.kept_indices):
+                    changed = data["changed"][s + i]
+                    groups = st.merge_groups[i][0]
+                    covered = kept_in_place(kept[0], groups, changed.numel(), data["cells"])
+                    merged = groups[:changed.numel()] >= 0
+                    fate += [(covered & changed).sum().item(), (~covered & changed & merged).sum().item(),
+                             (~covered & changed & ~merged).sum().item()]
+        finally:
+            h.remove()
+        share = fate / max(fate.sum(), 1)
+        rows.append({"keep": keep, "tau": h.config.threshold(), "accuracy": float(np.mean(right)),
+                     "covered": share[0], "merged elsewhere": share[1], "dropped": share[2]})
+    return rows
+
+
+def run(model_path: str | Path | None = None, n: int = 100, settings: tuple = SETTINGS) -> dict[str, Any]:
+    import transformers
+
+    from ..bench.run import machine
+
+    model, processor = load(model_path)
+    return {"machine": f"{machine('cpu')}, torch {torch.__version__}, transformers {transformers.__version__}",
+            "n": n, "similarity_clips": min(n, 24), "similarity": frame_similarity(model, min(n, 24)),
+            "holitom_wo_m": sweep(model, processor, n, settings)}
+
+
+def to_markdown(res: dict[str, Any]) -> str:
+    sim = res["similarity"]
+    lines = [f"HoliTom's static threshold on the tiny video model ({res['machine']}).", "",
+             f"Cosine similarity of consecutive frames' video tokens at the LLM input ({res['similarity_clips']} clips), "
+             "5 / 50 / 95% quantiles: cells whose pixels change "
+             + " / ".join(f"{v:.3f}" for v in sim["changed"]) + "; unchanged cells "
+             + " / ".join(f"{v:.3f}" for v in sim["unchanged"]) + ".", "",
+             f"HoliTom w/o M on {res['n']} test clips; what became of the changed tokens (share):", "",
+             "| keep | tau | accuracy | covered | merged elsewhere | dropped |", "|---|---|---|---|---|---|"]
+    for r in res["holitom_wo_m"]:
+        lines.append(f"| {r['keep']} | {r['tau']} | {100 * r['accuracy']:.1f} | {r['covered']:.3f} | "
+                     f"{r['merged elsewhere']:.3f} | {r['dropped']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(prog="python -m tokenprune.eval.synthetic.holitom_tau",
+                                 description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="a saved video model folder (default: assets/tiny-ov-video)")
+    ap.add_argument("--n", type=int, default=100, help="test clips")
+    ap.add_argument("--out", type=Path, default=Path("eval/results"))
+    a = ap.parse_args(argv)
+    res = run(a.model, a.n)
+    save_results(res, to_markdown(res), a.out, "holitom_tau_video")
+    print(to_markdown(res))
+    return res
+
+
+if __name__ == "__main__":
+    main()
