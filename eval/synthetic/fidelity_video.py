@@ -113,9 +113,12 @@ def prepare(processor: Any, samples: list[ClipSample], pooled: int) -> dict[str,
 
 
 @torch.no_grad()
-def predict(model: Any, data: dict[str, Any], batch: int = 16, handle: Any = None) -> tuple[torch.Tensor, float]:
-    """Greedy first answer token per clip; event recall (:func:`kept_in_place`)."""
-    enc, preds, recall = data["inputs"], [], []
+def predict(model: Any, data: dict[str, Any], batch: int = 16, handle: Any = None
+            ) -> tuple[torch.Tensor, float, np.ndarray]:
+    """Greedy first answer token per clip; event recall (:func:`kept_in_place`); and what became
+    of the changed tokens, summed over clips: [kept or merged in place, merged into a token at
+    another cell, dropped] (zeros without ``handle``)."""
+    enc, preds, recall, fates = data["inputs"], [], [], np.zeros(3)
     n = enc["input_ids"].shape[0]
     for s in range(0, n, batch):
         part = {k: v[s:s + batch] for k, v in enc.items()}
@@ -124,10 +127,13 @@ def predict(model: Any, data: dict[str, Any], batch: int = 16, handle: Any = Non
             st = handle.last_stats
             for i, row in enumerate(st.kept_indices):
                 changed = data["changed"][s + i]
-                covered = kept_in_place(row[0], st.merge_groups[i][0] if st.merge_groups and st.merge_groups[i]
-                                        else None, changed.numel(), data["cells"])
+                groups = st.merge_groups[i][0] if st.merge_groups and st.merge_groups[i] else None
+                covered = kept_in_place(row[0], groups, changed.numel(), data["cells"])
+                merged = groups[:changed.numel()] >= 0 if groups is not None else torch.zeros_like(changed)
                 recall.append((covered & changed).sum().item() / max(1, changed.sum().item()))
-    return torch.cat(preds), (float(np.mean(recall)) if recall else float("nan"))
+                fates += [(covered & changed).sum().item(), (~covered & changed & merged).sum().item(),
+                          (~covered & changed & ~merged).sum().item()]
+    return torch.cat(preds), (float(np.mean(recall)) if recall else float("nan")), fates
 
 
 def run(model_path: str | Path | None = None, n: int = 300, strategies: tuple[str, ...] | None = None,
@@ -138,7 +144,7 @@ def run(model_path: str | Path | None = None, n: int = 300, strategies: tuple[st
     pooled = ov_pooled_side(model.config.vision_config)
     n_tok = FRAMES * pooled * pooled
     data = prepare(processor, clip_split(n, TEST_SEED), pooled)
-    pred, _ = predict(model, data)
+    pred, _, _ = predict(model, data)
     ok = pred == data["answers"]
     res: dict[str, Any] = {"model": str(model_path or default_model()), "n": n, "tokens": n_tok,
                            "unpruned": ok.float().mean().item(), "unpruned_by_type": by_type(ok, data["types"]),
@@ -152,7 +158,7 @@ def run(model_path: str | Path | None = None, n: int = 300, strategies: tuple[st
                 continue
             h = tokenprune.apply(model, name, keep=keep, **params)
             try:
-                pred, rec = predict(model, data, handle=h)
+                pred, rec, _ = predict(model, data, handle=h)
                 kept = int(h.last_stats.visual_tokens_kept[0]) - 1      # the newline is structure
             finally:
                 h.remove()

@@ -16,7 +16,6 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 import tokenprune
@@ -24,7 +23,7 @@ import tokenprune
 from ..results_io import save_results
 from ..tiny import ov_pooled_side
 from .clips import FRAMES, clip_split, render_clips
-from .fidelity_video import TEST_SEED, kept_in_place, load, prepare
+from .fidelity_video import TEST_SEED, load, predict, prepare
 from .probe_video import PROBE_SEED
 from .probe_video import features as probe_features
 
@@ -49,30 +48,19 @@ def frame_similarity(model: Any, n: int) -> dict[str, list[float]]:
     return {"changed": torch.quantile(sim[changed], q).tolist(), "unchanged": torch.quantile(sim[~changed], q).tolist()}
 
 
-@torch.no_grad()
-def sweep(model: Any, processor: Any, n: int, settings: tuple = SETTINGS, batch: int = 20) -> list[dict[str, Any]]:
+def sweep(model: Any, processor: Any, n: int, settings: tuple = SETTINGS) -> list[dict[str, Any]]:
     """HoliTom w/o M at each (keep, tau) on ``n`` test clips (tau None: the official default)."""
     data = prepare(processor, clip_split(n, TEST_SEED), ov_pooled_side(model.config.vision_config))
-    enc, rows = data["inputs"], []
+    rows = []
     for keep, tau in settings:
         h = tokenprune.apply(model, "holitom", keep=keep, inner_merge=False, **({} if tau is None else {"tau": tau}))
-        fate, right = np.zeros(3), []
         try:
-            for s in range(0, n, batch):
-                pred = model(**{k: v[s:s + batch] for k, v in enc.items()}, logits_to_keep=1).logits[:, -1].argmax(-1)
-                right += (pred == data["answers"][s:s + batch]).tolist()
-                st = h.last_stats
-                for i, kept in enumerate(st.kept_indices):
-                    changed = data["changed"][s + i]
-                    groups = st.merge_groups[i][0]
-                    covered = kept_in_place(kept[0], groups, changed.numel(), data["cells"])
-                    merged = groups[:changed.numel()] >= 0
-                    fate += [(covered & changed).sum().item(), (~covered & changed & merged).sum().item(),
-                             (~covered & changed & ~merged).sum().item()]
+            pred, _, fates = predict(model, data, handle=h)
         finally:
             h.remove()
-        share = fate / max(fate.sum(), 1)
-        rows.append({"keep": keep, "tau": h.config.threshold(), "accuracy": float(np.mean(right)),
+        share = fates / max(fates.sum(), 1)
+        acc = (pred == data["answers"]).float().mean().item()
+        rows.append({"keep": keep, "tau": h.config.threshold(), "accuracy": acc,
                      "covered": share[0], "merged elsewhere": share[1], "dropped": share[2]})
     return rows
 
@@ -91,7 +79,8 @@ def run(model_path: str | Path | None = None, n: int = 100, settings: tuple = SE
 def to_markdown(res: dict[str, Any]) -> str:
     sim = res["similarity"]
     lines = [f"HoliTom's static threshold on the tiny video model ({res['machine']}).", "",
-             f"Cosine similarity of consecutive frames' video tokens at the LLM input ({res['similarity_clips']} clips), "
+             "Cosine similarity of consecutive frames' video tokens at the LLM input "
+             f"({res['similarity_clips']} clips), "
              "5 / 50 / 95% quantiles: cells whose pixels change "
              + " / ".join(f"{v:.3f}" for v in sim["changed"]) + "; unchanged cells "
              + " / ".join(f"{v:.3f}" for v in sim["unchanged"]) + ".", "",

@@ -58,9 +58,10 @@ def from_image_model(path: str | Path, seed: int = 0, device: str = "cpu") -> An
     from transformers import LlavaForConditionalGeneration, LlavaOnevisionForConditionalGeneration
 
     image = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
-    if image.config.vision_config.hidden_size != 128 or image.config.text_config.model_type != "llama":
-        raise ValueError(f"{path}: expected the tiny image model (CLIP 128-d tower, Llama LLM), got "
-                         f"{image.config.vision_config.model_type} / {image.config.text_config.model_type}")
+    kinds = (image.config.vision_config.model_type, image.config.text_config.model_type)
+    if kinds != ("clip_vision_model", "llama"):
+        raise ValueError(f"{path}: expected a LLaVA with a CLIP tower and a Llama LLM (the tiny image model), "
+                         f"got {kinds[0]} / {kinds[1]}")
     depth = tower_depth(image.config)
     iv, it = image.config.vision_config, image.config.text_config
     cfg = video_config(vision_layers=depth, vision_hidden=iv.hidden_size, llm_layers=it.num_hidden_layers,
