@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from ..tiny import IMAGE_TOKEN
 from .model import CLIP_MEAN, CLIP_STD
 from .model import build_tokenizer as image_tokenizer
 from .train_video import SIGLIP_MEAN, SIGLIP_STD, video_config
@@ -88,7 +89,7 @@ def from_image_model(path: str | Path, seed: int = 0, device: str = "cpu") -> An
     emb, head = dst[LLM + "embed_tokens.weight"].clone(), dst["lm_head.weight"].clone()
     ivoc = image_tokenizer().get_vocab()
     for word, j in video_tokenizer().get_vocab().items():
-        i = ivoc.get("<image>" if word == "<video>" else word)
+        i = ivoc.get(IMAGE_TOKEN if word == "<video>" else word)
         if i is not None:
             emb[j], head[j] = src[LLM + "embed_tokens.weight"][i], src["lm_head.weight"][i]
     new[LLM + "embed_tokens.weight"], new["lm_head.weight"] = emb, head
@@ -96,4 +97,4 @@ def from_image_model(path: str | Path, seed: int = 0, device: str = "cpu") -> An
     if unknown:
         raise ValueError(f"weights with no place in the video model: {unknown[:5]}")
     video.load_state_dict(new, strict=False)    # the rest (image_newline, post-layernorm, head) stays at init
-    return video.to(device)
+    return video                                # built on ``device``; load_state_dict copies into place
