@@ -93,6 +93,20 @@ def test_control_forward_equals_pruned_forward():
                                atol=1e-5, rtol=1e-5)
 
 
+def test_rows_carry_per_question_results_for_paired_comparisons(result):
+    """Every row saves which questions it got right (consistent with its accuracy), and the markdown
+    compares the goal rows pairwise on the same questions."""
+    from tokenprune.eval.synthetic.fidelity import to_markdown
+    from tokenprune.eval.synthetic.paired import decode
+
+    assert decode(result["unpruned_right"]).float().mean().item() == pytest.approx(result["unpruned"])
+    for r in result["rows"]:
+        assert len(r["right"]) == N and decode(r["right"]).float().mean().item() == pytest.approx(r["accuracy"])
+    md = to_markdown(result)
+    assert "Paired comparisons on the same 200 questions" in md
+    assert "| 0.111 | hiprune vs visionzip |" in md and "| 0.333 | hiprune vs unpruned |" in md
+
+
 def test_controls_in_the_benchmark(result):
     rows = {(r["strategy"], r["keep"]): r for r in result["rows"]}
     for keep, kept in ((0.333, 85), (0.111, 28)):

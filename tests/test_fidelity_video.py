@@ -109,6 +109,16 @@ def test_video_control_forward_equals_pruned_forward():
     torch.testing.assert_close(masked, pruned, atol=1e-4, rtol=1e-4)
 
 
+def test_video_rows_carry_per_question_results_for_paired_comparisons(result):
+    from tokenprune.eval.synthetic.fidelity_video import to_markdown
+    from tokenprune.eval.synthetic.paired import decode
+
+    for r in result["rows"]:
+        assert len(r["right"]) == N and decode(r["right"]).float().mean().item() == pytest.approx(r["accuracy"])
+    md = to_markdown(result)
+    assert "| 0.111 | holitom vs random |" in md and "| 0.333 | holitom (tau=0.95) vs holitom |" in md
+
+
 def test_video_controls_in_the_benchmark(result):
     rows = {(r["strategy"], r["keep"]): r for r in result["rows"]}
     for keep, kept in ((0.333, 170), (0.111, 57)):

@@ -25,6 +25,7 @@ import tokenprune
 from tokenprune.runner import DEFAULT_MODEL, user_prompt
 
 from ..results_io import save_results
+from . import paired
 from .scenes import render, to_pil
 from .splits import Sample, split
 
@@ -33,6 +34,11 @@ KEEPS = (1.0, 0.5, 0.333, 0.222, 0.111, 0.056)
 #: layers; on this 4-layer LLM it leaves half the LLM seeing every token, so K = 1 is the closer row.
 STRATEGIES = ("hiprune", "visionzip", "fopru", "fastv", "fastv:layer=1", "random", "pool", "holitom_inner")
 CONTROLS = ("objects first", "background only")
+#: paired comparisons reported under the table (:mod:`.paired`): the issue's goals (HiPrune vs
+#: unpruned; the papers' ordering HiPrune >= VisionZip > FastV, random, pool) and the object oracle
+PAIRS = (("hiprune", "unpruned"), ("hiprune", "visionzip"), ("visionzip", "fastv (layer=1)"), ("visionzip", "fastv"),
+         ("visionzip", "random"), ("visionzip", "pool"), ("objects first", "hiprune"))
+PAIR_KEEPS = (0.333, 0.111)
 
 
 def load(path: str | Path = DEFAULT_MODEL):
@@ -144,13 +150,14 @@ def run(model_path: str | Path = DEFAULT_MODEL, n: int = 1000, strategies: tuple
     pred, _ = predict(model, data)
     ok = pred == data["answers"]
     res: dict[str, Any] = {"model": str(model_path), "n": n, "tokens": n_tok, "unpruned": ok.float().mean().item(),
-                           "unpruned_by_type": by_type(ok, data["types"]), "rows": []}
+                           "unpruned_by_type": by_type(ok, data["types"]), "unpruned_right": paired.encode(ok),
+                           "rows": []}
     for spec in tqdm(strategies, desc="fidelity"):
         label, name, params = parse_row(spec)
         for keep in keeps:
             if keep >= 1.0:
                 res["rows"].append({"strategy": label, "keep": 1.0, "kept": n_tok, "accuracy": res["unpruned"],
-                                    "object_recall": 1.0})
+                                    "object_recall": 1.0, "right": res["unpruned_right"]})
                 continue
             h = tokenprune.apply(model, name, keep=keep, **params)
             try:
@@ -158,13 +165,15 @@ def run(model_path: str | Path = DEFAULT_MODEL, n: int = 1000, strategies: tuple
                 kept = int(h.last_stats.visual_tokens_kept[0])
             finally:
                 h.remove()
-            res["rows"].append({"strategy": label, "keep": keep, "kept": kept,
-                                "accuracy": (pred == data["answers"]).float().mean().item(), "object_recall": rec})
+            ok = pred == data["answers"]
+            res["rows"].append({"strategy": label, "keep": keep, "kept": kept, "accuracy": ok.float().mean().item(),
+                                "object_recall": rec, "right": paired.encode(ok)})
     for name in controls:
         for keep in keeps:
             kept, ok, rec = control_run(model, data, data["objects"], name, keep)
             res["rows"].append({"strategy": name, "keep": keep, "kept": kept, "control": True,
-                                "accuracy": ok.float().mean().item(), "object_recall": rec})
+                                "accuracy": ok.float().mean().item(), "object_recall": rec,
+                                "right": paired.encode(ok)})
     return res
 
 
@@ -197,8 +206,19 @@ def to_markdown(res: dict[str, Any]) -> str:
         note = (" Rows *objects first* and *background only* are controls, not strategies: the unpatched "
                 "model with the other visual tokens masked out (object patches first, then random "
                 "background / random background only).")
-    return table(res, summary(res, "test questions") + "\n\nAccuracy (%) by keep ratio (tokens kept of "
-                 f"{res['tokens']}); object recall in brackets." + note)
+    md = table(res, summary(res, "test questions") + "\n\nAccuracy (%) by keep ratio (tokens kept of "
+               f"{res['tokens']}); object recall in brackets." + note)
+    return md + paired_section(res, PAIRS)
+
+
+def paired_section(res: dict[str, Any], pairs: tuple[tuple[str, str], ...],
+                   keeps: tuple[float, ...] = PAIR_KEEPS) -> str:
+    """The paired comparisons of ``pairs`` at ``keeps`` as markdown ('' for a run saved without
+    per-question results)."""
+    if "unpruned_right" not in res:
+        return ""
+    comps = paired.comparisons(res, pairs, keeps)
+    return "\n" + paired.to_markdown(comps, res["n"]) if comps else ""
 
 
 def accuracy_plot(res: dict[str, Any], path: Path, xlabel: str, title: str) -> None:

@@ -40,7 +40,8 @@ from tokenprune.runner import user_prompt
 from ..results_io import save_results
 from ..tiny import ov_pooled_side
 from .clips import FRAMES, ClipSample, clip_split, render_clips
-from .fidelity import accuracy_plot, by_type, control_run, summary, table
+from . import paired
+from .fidelity import accuracy_plot, by_type, control_run, paired_section, summary, table
 
 KEEPS = (1.0, 0.5, 0.333, 0.222, 0.111, 0.056)
 #: (row name, strategy, extra params)
@@ -57,6 +58,12 @@ STRATEGIES: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("random", "random", {}),
     ("pool", "pool", {}),
 )
+#: paired comparisons under the table (:mod:`.paired`): HoliTom against the baselines and its own
+#: variants, and the per-frame selections against each other
+PAIRS = (("holitom", "random"), ("holitom w/o M", "holitom"), ("holitom (tau=0.95)", "holitom"),
+         ("holitom (tau=0.95)", "hiprune"), ("hiprune", "visionzip"), ("hiprune", "fastv"), ("hiprune", "random"),
+         ("pool", "random"))
+PAIR_KEEPS = (0.333, 0.111, 0.056)     # 0.056: where HoliTom's static threshold costs most here
 CONTROLS = {"changed first": "objects first", "static only": "background only"}   # -> fidelity.control_keep
 TEST_SEED = 20_000
 FLOORS_N = 100          # clips of the CI regression test (tests/test_fidelity_video.py)
@@ -148,13 +155,14 @@ def run(model_path: str | Path | None = None, n: int = 300, strategies: tuple[st
     ok = pred == data["answers"]
     res: dict[str, Any] = {"model": str(model_path or default_model()), "n": n, "tokens": n_tok,
                            "unpruned": ok.float().mean().item(), "unpruned_by_type": by_type(ok, data["types"]),
-                           "rows": []}
+                           "unpruned_right": paired.encode(ok), "rows": []}
     rows = [r for r in STRATEGIES if strategies is None or r[0] in strategies]
     for label, name, params in tqdm(rows, desc="video fidelity"):
         for keep in keeps:
             if keep >= 1.0:
                 res["rows"].append({"strategy": label, "keep": 1.0, "kept": n_tok, "accuracy": res["unpruned"],
-                                    "event_recall": 1.0, "by_type": res["unpruned_by_type"]})
+                                    "event_recall": 1.0, "by_type": res["unpruned_by_type"],
+                                    "right": res["unpruned_right"]})
                 continue
             h = tokenprune.apply(model, name, keep=keep, **params)
             try:
@@ -165,7 +173,7 @@ def run(model_path: str | Path | None = None, n: int = 300, strategies: tuple[st
             ok = pred == data["answers"]
             res["rows"].append({"strategy": label, "keep": keep, "kept": kept,
                                 "accuracy": ok.float().mean().item(), "event_recall": rec,
-                                "by_type": by_type(ok, data["types"])})
+                                "by_type": by_type(ok, data["types"]), "right": paired.encode(ok)})
     changed = torch.stack(data["changed"])                                     # [n, F * cells]
     for label in controls:
         for keep in keeps:                     # the trailing newline is structure: always kept
@@ -173,7 +181,7 @@ def run(model_path: str | Path | None = None, n: int = 300, strategies: tuple[st
                                         token_id=model.config.video_token_id, tail=1, batch=16)
             res["rows"].append({"strategy": label, "keep": keep, "kept": kept, "control": True,
                                 "accuracy": ok.float().mean().item(), "event_recall": rec,
-                                "by_type": by_type(ok, data["types"])})
+                                "by_type": by_type(ok, data["types"]), "right": paired.encode(ok)})
     return res
 
 
@@ -183,9 +191,10 @@ def to_markdown(res: dict[str, Any]) -> str:
         note = (" Rows *changed first* and *static only* are controls, not strategies: the unpatched model "
                 "with the other video tokens masked out (changed tokens first, then random static ones / "
                 "random static tokens only).")
-    return table(res, summary(res, "test clips") + "\n\nAccuracy (%) by keep ratio (video tokens kept of "
-                 f"{res['tokens']}, newline not counted); event recall (share of the changed tokens kept, or "
-                 "merged over time at their cell) in brackets." + note, metric="event_recall")
+    md = table(res, summary(res, "test clips") + "\n\nAccuracy (%) by keep ratio (video tokens kept of "
+               f"{res['tokens']}, newline not counted); event recall (share of the changed tokens kept, or "
+               "merged over time at their cell) in brackets." + note, metric="event_recall")
+    return md + paired_section(res, PAIRS, PAIR_KEEPS)
 
 
 def plot(res: dict[str, Any], path: Path) -> None:
