@@ -79,8 +79,9 @@ def comparisons(res: dict[str, Any], pairs: tuple[tuple[str, str], ...], keeps: 
 
 def to_markdown(comps: list[dict[str, Any]], n: int) -> str:
     """Table of paired comparisons (points, 95% interval, discordant counts, McNemar p)."""
-    lines = [f"Paired comparisons on the same {n} questions: difference of accuracy (points) with a 95% "
-             "interval, the questions only one row gets right, and the exact McNemar p-value.", "",
+    intro = (f"Paired comparisons on the same {n} questions: difference of accuracy (points) with a 95% "
+             "interval, the questions only one row gets right, and the exact McNemar p-value.")
+    lines = [intro, "",
              "| keep | a vs b | a − b (points) | 95% interval | right only in a / only in b | p |",
              "|---|---|---|---|---|---|"]
     for c in comps:
