@@ -31,20 +31,20 @@ def test_paired_difference_and_interval():
     a[:48] = b[:48] = True            # both right
     a[48:60] = True                   # a only
     b[60:62] = True                   # b only
-    c = paired.paired(a, b)
+    c = paired.compare(a, b)
     assert c["diff"] == pytest.approx(0.10) and (c["a_only"], c["b_only"]) == (12, 2)
     d = a.double() - b.double()
     se = math.sqrt(((d - 0.1) ** 2).sum().item() / 99) / 10
     assert c["lo"] == pytest.approx(0.1 - 1.96 * se) and c["hi"] == pytest.approx(0.1 + 1.96 * se)
     assert c["p"] == pytest.approx(paired.mcnemar_p(12, 2))
     # identical rows: no difference, an empty interval, p = 1
-    same = paired.paired(a, a)
+    same = paired.compare(a, a)
     assert same["diff"] == same["lo"] == same["hi"] == 0 and same["p"] == 1.0
 
 
 def test_paired_needs_the_same_questions():
     with pytest.raises(ValueError, match="same questions"):
-        paired.paired(torch.ones(3, dtype=torch.bool), torch.ones(4, dtype=torch.bool))
+        paired.compare(torch.ones(3, dtype=torch.bool), torch.ones(4, dtype=torch.bool))
 
 
 def test_comparisons_from_a_saved_run():

@@ -38,7 +38,7 @@ def mcnemar_p(a_only: int, b_only: int) -> float:
     return min(1.0, 2 * tail)
 
 
-def paired(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
+def compare(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
     """Row a vs row b, both [N] bool (right per question, same questions in the same order) ->
     ``diff`` (accuracy a - b), ``lo``/``hi`` (95% interval), ``a_only``/``b_only`` (discordant
     counts), ``p`` (exact McNemar)."""
@@ -66,14 +66,14 @@ def row_right(res: dict[str, Any], strategy: str, keep: float) -> torch.Tensor:
 def comparisons(res: dict[str, Any], pairs: tuple[tuple[str, str], ...], keeps: tuple[float, ...]
                 ) -> list[dict[str, Any]]:
     """Every (a, b) of ``pairs`` at every keep ratio present in the run -> one dict per comparison
-    (``a``, ``b``, ``keep`` and the fields of :func:`paired`). Pairs naming a missing row are skipped."""
+    (``a``, ``b``, ``keep`` and the fields of :func:`compare`). Pairs naming a missing row are skipped."""
     present = {(r["strategy"], r["keep"]) for r in res["rows"]}
     out = []
     for keep in keeps:
         for a, b in pairs:
             if any(s != "unpruned" and (s, keep) not in present for s in (a, b)):
                 continue
-            out.append({"a": a, "b": b, "keep": keep, **paired(row_right(res, a, keep), row_right(res, b, keep))})
+            out.append({"a": a, "b": b, "keep": keep, **compare(row_right(res, a, keep), row_right(res, b, keep))})
     return out
 
 
