@@ -67,13 +67,14 @@ def comparisons(res: dict[str, Any], pairs: tuple[tuple[str, str], ...], keeps: 
                 ) -> list[dict[str, Any]]:
     """Every (a, b) of ``pairs`` at every keep ratio present in the run -> one dict per comparison
     (``a``, ``b``, ``keep`` and the fields of :func:`compare`). Pairs naming a missing row are skipped."""
-    present = {(r["strategy"], r["keep"]) for r in res["rows"]}
     out = []
     for keep in keeps:
         for a, b in pairs:
-            if any(s != "unpruned" and (s, keep) not in present for s in (a, b)):
+            try:
+                right_a, right_b = row_right(res, a, keep), row_right(res, b, keep)
+            except KeyError:            # a row this run did not measure (e.g. --strategies subset)
                 continue
-            out.append({"a": a, "b": b, "keep": keep, **compare(row_right(res, a, keep), row_right(res, b, keep))})
+            out.append({"a": a, "b": b, "keep": keep, **compare(right_a, right_b)})
     return out
 
 
