@@ -26,6 +26,7 @@ Knowledge held here:
 from __future__ import annotations
 
 import importlib
+from functools import partial
 from typing import Any
 
 import torch
@@ -96,27 +97,36 @@ class QwenVLFamily(DecoderLLM, Family):
     def install_vision_capture(self, layer: int, kinds: set[str], store: StoreFn,
                                scratch: ScratchFn) -> list[Any]:
         attn = self._blocks[layer].attn
-        heads, scale = attn.num_heads, attn.scaling
+        # partials of methods (not closures), so a deep copy of the model binds to the copies
+        return [attn.register_forward_pre_hook(partial(self._vision_pre, layer, scratch), with_kwargs=True),
+                attn.qkv.register_forward_hook(partial(self._vision_grab, layer, scratch)),
+                attn.register_forward_hook(partial(self._vision_done, layer, frozenset(kinds), store, scratch))]
 
-        def pre(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-            box = scratch()
-            if box is not None:
-                box[(layer, "rope")] = kwargs.get("position_embeddings")
-                box[(layer, "cu")] = kwargs.get("cu_seqlens", args[1] if len(args) > 1 else None)
+    @staticmethod
+    def _vision_pre(layer: int, scratch: ScratchFn, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        box = scratch()
+        if box is not None:
+            box[(layer, "rope")] = kwargs.get("position_embeddings")
+            box[(layer, "cu")] = kwargs.get("cu_seqlens", args[1] if len(args) > 1 else None)
 
-        def grab(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            box = scratch()
-            if box is not None:
-                box[(layer, "qkv")] = output
+    @staticmethod
+    def _vision_grab(layer: int, scratch: ScratchFn, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        box = scratch()
+        if box is not None:
+            box[(layer, "qkv")] = output
 
-        def done(module: nn.Module, args: tuple, output: Any) -> None:
-            box = scratch()
-            if box is None or (layer, "qkv") not in box:
-                return
-            qkv, rope, cu = box.pop((layer, "qkv")), box.pop((layer, "rope")), box.pop((layer, "cu"))
-            store(layer, lambda: self._reduce(qkv, rope, cu, heads, scale, kinds))
-        return [attn.register_forward_pre_hook(pre, with_kwargs=True), attn.qkv.register_forward_hook(grab),
-                attn.register_forward_hook(done)]
+    def _vision_done(self, layer: int, kinds: frozenset[str], store: StoreFn, scratch: ScratchFn,
+                     module: nn.Module, args: tuple, output: Any) -> None:
+        box = scratch()
+        if box is None or (layer, "qkv") not in box:
+            return
+        attn = self._blocks[layer].attn
+        qkv, rope, cu = box.pop((layer, "qkv")), box.pop((layer, "rope")), box.pop((layer, "cu"))
+        store(layer, lambda: self._reduce(qkv, rope, cu, attn.num_heads, attn.scaling, set(kinds)))
+
+    def vision_capture_modules(self, layer: int) -> list[nn.Module]:
+        attn = self._blocks[layer].attn
+        return [attn, attn.qkv]
 
     def _reduce(self, qkv: torch.Tensor, rope: Any, cu: torch.Tensor, heads: int, scale: float,
                 kinds: set[str]) -> dict[str, torch.Tensor]:

@@ -97,6 +97,18 @@ def test_gradio_client_calls_the_endpoint(server):
         assert im.format == "PNG" and im.size == (224, 224)
 
 
+def test_app_refuses_an_image_bomb_before_decoding_it(server, tmp_path):
+    """A 13000 x 13000 PNG is a few KB on disk and 0.5 GB decoded: the app answers with a message."""
+    from gradio_client import handle_file
+    from PIL import Image
+
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (13000, 13000)).save(bomb)
+    assert bomb.stat().st_size < 200_000
+    out = _client(server).predict(handle_file(str(bomb)), QUESTION, "hiprune", 0.25, "", None, api_name="/compare")
+    assert out[0] == "" and out[-1].startswith("**Error:**") and "13000 x 13000 pixels" in out[-1]
+
+
 def test_two_concurrent_users_get_what_each_gets_alone(server):
     from gradio_client import handle_file
     from PIL import Image, ImageChops

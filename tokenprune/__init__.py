@@ -13,7 +13,9 @@ from .errors import (
     AlreadyAppliedError,
     ConfigError,
     IncompatibleStrategyError,
+    NotAppliedError,
     TokenPruneError,
+    TokenPruneWarning,
     UnsupportedCallError,
     UnsupportedModelError,
 )
@@ -42,5 +44,5 @@ __all__ = [
     "StrategySpec", "HiPruneConfig", "FoPruConfig", "VisionZipConfig", "FastVConfig", "RandomConfig",
     "PoolConfig", "HoliTomConfig", "HoliTomInnerConfig",
     "TokenPruneError", "UnsupportedModelError", "ConfigError", "AlreadyAppliedError",
-    "IncompatibleStrategyError", "UnsupportedCallError",
+    "IncompatibleStrategyError", "UnsupportedCallError", "NotAppliedError", "TokenPruneWarning",
 ]

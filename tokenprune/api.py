@@ -10,16 +10,42 @@ from torch import nn
 from . import registry
 from .config import PruneConfig
 from .engine import PruneHandle
-from .errors import AlreadyAppliedError, ConfigError, IncompatibleStrategyError, UnsupportedModelError
+from .errors import (AlreadyAppliedError, ConfigError, IncompatibleStrategyError, NotAppliedError,
+                     UnsupportedModelError)
 
 _APPLIED: "weakref.WeakKeyDictionary[nn.Module, PruneHandle]" = weakref.WeakKeyDictionary()
-_LOCK = threading.Lock()
+#: every module a handle hooks -> that handle: a second apply anywhere in an overlapping module tree
+#: (a submodule, a parent, a ``torch.compile`` wrapper and its original) is refused
+_OWNED: "weakref.WeakKeyDictionary[nn.Module, PruneHandle]" = weakref.WeakKeyDictionary()
+_LOCK = threading.RLock()
 
 
 def _forget(model: nn.Module, handle: PruneHandle) -> None:
     with _LOCK:
         if _APPLIED.get(model) is handle:
             del _APPLIED[model]
+        for m in [m for m, h in _OWNED.items() if h is handle]:
+            del _OWNED[m]
+
+
+def _adopt(handle: PruneHandle) -> None:
+    """Register a handle made by ``copy.deepcopy`` of a patched model for the copy."""
+    with _LOCK:
+        _APPLIED[handle.model] = handle
+        for m in handle.modules:
+            _OWNED[m] = handle
+
+
+def _patched_in(model: nn.Module) -> PruneHandle | None:
+    """The handle patching ``model`` or any module inside it, if any."""
+    hit = _APPLIED.get(model)
+    if hit is not None:
+        return hit
+    for m in model.modules():
+        hit = _OWNED.get(m) or _APPLIED.get(m)
+        if hit is not None:
+            return hit
+    return None
 
 
 def _model_type(model: nn.Module) -> str | None:
@@ -76,10 +102,14 @@ def apply(model: nn.Module, strategy: str | PruneConfig, *, inner: Any = None, *
     (``inner_merge=False`` turns it off: the paper's "w/o M"). Every check happens before the first hook
     is installed; on error the model is untouched.
     """
+    if not isinstance(model, nn.Module):
+        raise UnsupportedModelError(f"apply needs a torch.nn.Module; got {type(model).__name__}")
     with _LOCK:
-        if model in _APPLIED:
+        other = _patched_in(model)
+        if other is not None:
+            where = "" if other.model is model else f" (through {type(other.model).__name__}, which shares its modules)"
             raise AlreadyAppliedError(
-                f"{type(model).__name__} already has {_APPLIED[model].config!r} applied; "
+                f"{type(model).__name__} already has {other.config!r} applied{where}; "
                 "call handle.remove() (or tokenprune.remove(model)) first")
         family = family_for(model)
         spec, config = registry.make_config(strategy, params)
@@ -110,29 +140,43 @@ def apply(model: nn.Module, strategy: str | PruneConfig, *, inner: Any = None, *
                 f"{name} drops tokens at LLM layer {handle.llm_layer}, but family {family.name!r} "
                 f"still adds visual features inside layers < {family.min_inner_layer} (DeepStack); "
                 f"use layer >= {family.min_inner_layer}")
+        modules = handle.preflight()          # every module the install hooks, resolved untouched
+        for m in modules:
+            if m in _OWNED:
+                raise AlreadyAppliedError(f"{type(m).__name__} inside this model is already patched by "
+                                          f"{_OWNED[m].config!r}; remove that handle first")
         _APPLIED[model] = handle
-    return handle.install()
+        for m in modules:
+            _OWNED[m] = handle
+        try:
+            return handle.install()            # all hooks or none
+        except BaseException:
+            _forget(model, handle)
+            raise
 
 
 def remove(model: nn.Module) -> None:
-    """Remove the strategy applied to ``model`` (same as ``handle.remove()``)."""
-    handle = _APPLIED.get(model)
+    """Remove the strategy applied to ``model`` or to a module inside it (same as ``handle.remove()``).
+    Raises :class:`NotAppliedError` when there is none."""
+    handle = _patched_in(model) if isinstance(model, nn.Module) else None
     if handle is None:
-        raise ValueError(f"no tokenprune strategy is applied to this {type(model).__name__}")
+        raise NotAppliedError(f"no tokenprune strategy is applied to this {type(model).__name__}")
     handle.remove()
 
 
 def get_handle(model: nn.Module) -> PruneHandle | None:
-    return _APPLIED.get(model)
+    """The handle patching ``model`` (or a module inside it: ``model.model``, a compiled original)."""
+    return _patched_in(model)
 
 
-def load(name_or_path: str, strategy: str | PruneConfig | None = None, *, dtype: Any = "auto",
-         device_map: Any = None, attn_implementation: str | None = None,
+def load(name_or_path: str, strategy: str | PruneConfig | None = None, *, inner: Any = None,
+         dtype: Any = "auto", device_map: Any = None, attn_implementation: str | None = None,
          trust_remote_code: bool = False, **params: Any):
     """Load a model and its processor with the Auto classes, detect its family, apply a strategy.
 
-    Returns ``(model, processor, handle)``; ``handle`` is None when ``strategy`` is None.
-    ``trust_remote_code`` is passed through, never turned on here.
+    Takes every argument of :func:`apply` (``strategy``, ``inner=``, the strategy's parameters),
+    all validated before any weight is read. Returns ``(model, processor, handle)``; ``handle`` is
+    None when ``strategy`` is None. ``trust_remote_code`` is passed through, never turned on here.
     """
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
@@ -141,8 +185,12 @@ def load(name_or_path: str, strategy: str | PruneConfig | None = None, *, dtype:
         raise UnsupportedModelError(
             f"unsupported model at {name_or_path!r}: architectures {getattr(cfg, 'architectures', None)}, "
             f"model_type {cfg.model_type!r}; supported families (model_type): {registry.list_families()}")
+    if strategy is None and (inner is not None or params):
+        raise ConfigError("inner= and strategy parameters need a strategy")
     if strategy is not None:  # validate parameters before loading weights
         registry.make_config(strategy, params)
+        if inner is not None:
+            _inner_config(inner)
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
     if device_map is not None:
         kwargs["device_map"] = device_map
@@ -150,5 +198,5 @@ def load(name_or_path: str, strategy: str | PruneConfig | None = None, *, dtype:
         kwargs["attn_implementation"] = attn_implementation
     model = AutoModelForImageTextToText.from_pretrained(name_or_path, **kwargs).eval()
     processor = AutoProcessor.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-    handle = apply(model, strategy, **params) if strategy is not None else None
+    handle = apply(model, strategy, inner=inner, **params) if strategy is not None else None
     return model, processor, handle

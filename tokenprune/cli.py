@@ -63,6 +63,16 @@ def _runner(a: argparse.Namespace):
     return Runner(model, device=a.device, dtype=a.dtype)
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1 (tokens to generate), got {value}")
+    return value
+
+
 def cmd_run(a: argparse.Namespace) -> int:
     from tokenprune.runner import open_image, open_video
 
@@ -134,7 +144,7 @@ def _input_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep", type=float, help="fraction of visual tokens kept per image (default 0.25)")
     p.add_argument("--budget", type=int, help="visual tokens kept per image")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="strategy parameter")
-    p.add_argument("--max-new-tokens", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=_positive_int, default=8)
 
 
 def main(argv: list[str] | None = None) -> int:

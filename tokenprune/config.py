@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -32,6 +33,12 @@ class PruneConfig:
     positions: str = "original"
 
     def __post_init__(self) -> None:
+        # numpy / torch scalars count as the Python numbers they stand for
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            plain = _plain_number(value)
+            if plain is not value:
+                object.__setattr__(self, f.name, plain)
         if (self.keep is None) == (self.budget is None):
             raise ConfigError(
                 f"{type(self).__name__}: give exactly one of keep= (fraction in (0, 1]) or "
@@ -76,6 +83,26 @@ class PruneConfig:
                 f"unknown parameter(s) {unknown} for strategy {cls.name!r}; known: {known}"
             )
         return cls(**params)
+
+
+def _plain_number(value: Any) -> Any:
+    """``numbers.Integral`` -> int and ``numbers.Real`` -> float (numpy scalars, 0-d tensors' items);
+    bools and everything else unchanged."""
+    if type(value) in (bool, int, float) or value is None or isinstance(value, np_bool_types()):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    return value
+
+
+def np_bool_types() -> tuple[type, ...]:
+    try:
+        import numpy as np
+    except ImportError:   # pragma: no cover - numpy is a core dependency
+        return ()
+    return (np.bool_,)
 
 
 def check_range(name: str, value: Any, lo: float, hi: float, *, integer: bool = False,

@@ -42,10 +42,12 @@ def compare(runner: Runner, image: Any, question: str, strategy: str, keep: floa
     """The app's one endpoint. Returns (unpruned answer, pruned answer, overlay, tokens, timing,
     message); on bad input every output but the message is empty. ``video``: a file path (the
     upload), used instead of the image when given."""
-    from .runner import open_video
+    from .runner import open_image, open_video
 
     empty = ("", "", None, "", "")
     try:
+        if isinstance(image, (str, Path)):    # an upload's path: bounded before it is decoded
+            image = open_image(image)
         frames = open_video(video) if video else None
         if image is None and frames is None:
             raise ValueError("upload an image (or a video) first")
@@ -80,7 +82,8 @@ def build(runner: Runner):
                        else "visual tokens per image depend on its size)"))
         with gr.Row():
             with gr.Column():
-                image = gr.Image(type="pil", label="image", elem_id="image")
+                # a file path, not a decoded image: open_image bounds its size before decoding
+                image = gr.Image(type="filepath", image_mode=None, label="image", elem_id="image")
                 video = gr.File(label="or a video (.gif, .webp, .npy, .mp4) — video models only",
                                 file_types=[".gif", ".webp", ".npy", ".mp4", ".avi", ".mov", ".mkv"],
                                 type="filepath", elem_id="video")
@@ -118,6 +121,8 @@ def launch(model: str | None = None, device: str = "cpu", dtype: str = "float32"
     port = port or free_port()
     if port_file:
         Path(port_file).write_text(str(port))
+    from .runner import MAX_FILE_BYTES
+
     app.launch(server_name="127.0.0.1", server_port=port, share=False, ssr_mode=False,
-               prevent_thread_lock=not block, show_error=False)
+               prevent_thread_lock=not block, show_error=False, max_file_size=MAX_FILE_BYTES)
     return app

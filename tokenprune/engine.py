@@ -11,27 +11,32 @@ sequence helpers (gather with padding, ghost-key masks, budget splits) in :mod:`
 the state dataclasses in :mod:`tokenprune.state`.
 
 Per-call state lives in a ``ContextVar`` (one per handle), so two threads calling the same
-patched model never see each other's tensors. State that must outlive one forward call (what
-was kept at prefill, needed by every decode step) is keyed by the KV-cache object of that
-generation in a weak dictionary, never stored on modules.
+patched model never see each other's tensors; what a thread reads back (``last_stats``, its
+recent encodings, the selection an uncached generation keeps) is thread-local, so it is its own
+call's and goes away with the thread. State that must outlive one forward call (what was kept at
+prefill, needed by every decode step) is keyed by the KV-cache object of that generation in a
+weak dictionary, never stored on modules.
 """
 from __future__ import annotations
 
 import contextvars
+import copy
 import threading
 import time
+import warnings
 import weakref
+from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
 
 from .config import PruneConfig
-from .errors import ConfigError, UnsupportedCallError
+from .errors import ConfigError, TokenPruneError, TokenPruneWarning, UnsupportedCallError, UnsupportedModelError
 from .family import Family, ImageLayout, Unit
 from .inner import InnerLLMStage
-from .sequence import cache_of, left_packed_index, seq_len, split_budget, take, take_positions
-from .state import CallState, Encoded, ImageSel, PruneRecord, Span, VisionCall
+from .sequence import cache_of, left_packed_index, padding_mask, seq_len, split_budget, take, take_positions
+from .state import CallState, Continuation, Encoded, ImageSel, LabelsCall, PruneRecord, Span, VisionCall
 from .stats import PruneStats, layer_flops
 from .strategies.base import Selection, StrategySpec, VisualTokens
 
@@ -50,6 +55,24 @@ def _find_encoding(encoded: list["Encoded"], f: torch.Tensor) -> tuple["Encoded"
             if row.shape == f.shape and torch.equal(row, f.to(row.device, row.dtype)):
                 return e, i
     return None
+
+
+def _first_equal(items: list[torch.Tensor]) -> list[int]:
+    """For each item, the index of the first item that is the same tensor or equal to it."""
+    out: list[int] = []
+    for j, f in enumerate(items):
+        hit = next((i for i in sorted(set(out)) if items[i].shape == f.shape and (
+            items[i].data_ptr() == f.data_ptr() or torch.equal(items[i], f))), j)
+        out.append(hit)
+    return out
+
+
+def _rebase(lay: ImageLayout, sp: Span, length: int) -> ImageLayout:
+    """``lay`` (laid out for an equal run elsewhere) moved onto placeholder run ``sp``."""
+    flat = sp.row * length + sp.cols
+    units = [Unit(rows=flat[u.span_pos.to(flat.device)].to(u.rows.device), grid=u.grid, scores=u.scores,
+                  frames=u.frames, span_pos=u.span_pos, weight=u.weight) for u in lay.units]
+    return ImageLayout(prefix=lay.prefix, units=units, fixed=lay.fixed, length=lay.length)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -83,18 +106,9 @@ class PruneHandle(InnerLLMStage):
         self.vspec, self.vconfig = spec_v if spec_v else (None, None)
         self.lspec, self.lconfig = inner if inner else (None, None)
         self.inner_modalities = inner_modalities
-        self.last_stats: PruneStats | None = None
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
-        self._state: contextvars.ContextVar[CallState | None] = contextvars.ContextVar(
-            f"tokenprune_state_{id(self)}", default=None)
-        self._vision: contextvars.ContextVar[VisionCall | None] = contextvars.ContextVar(
-            f"tokenprune_vision_{id(self)}", default=None)
-        # recent encodings per thread: generate (transformers >= 5.24) encodes images before the
-        # forward calls that use them, and with use_cache=False reuses them on every step
-        self._encoded_by_thread: dict[int, list[Encoded]] = {}
-        self._lock = threading.Lock()
+        self._fresh_state()
         self._seq = 0
-        self._records: "weakref.WeakKeyDictionary[Any, PruneRecord]" = weakref.WeakKeyDictionary()
         self._removed = False
         info = family.vision_info
         self._prefix = family.num_prefix
@@ -106,13 +120,106 @@ class PruneHandle(InnerLLMStage):
         self.scored_layers: list[tuple[str, int]] = sorted({("vision", r.layer) for r in self.requests})
         if self.llm_layer is not None:
             self.scored_layers.append(("llm", self.llm_layer - 1))
+        self.modules: list[nn.Module] = []   #: what the install hooks (set by :meth:`preflight`)
+
+    def _fresh_state(self) -> None:
+        """Per-handle containers that are never shared with a copy (context variables, locks,
+        thread-local storage, records keyed by caches)."""
+        self._state: contextvars.ContextVar[CallState | None] = contextvars.ContextVar(
+            f"tokenprune_state_{id(self)}", default=None)
+        self._vision: contextvars.ContextVar[VisionCall | None] = contextvars.ContextVar(
+            f"tokenprune_vision_{id(self)}", default=None)
+        self._labels: contextvars.ContextVar[LabelsCall | None] = contextvars.ContextVar(
+            f"tokenprune_labels_{id(self)}", default=None)
+        # per thread: last_stats, recent encodings (generate in transformers >= 5.24 encodes images
+        # before the forward calls that use them, and with use_cache=False reuses them on every
+        # step) and the selection an uncached generation keeps; freed when the thread ends
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._records: "weakref.WeakKeyDictionary[Any, PruneRecord]" = weakref.WeakKeyDictionary()
+
+    @property
+    def last_stats(self) -> PruneStats | None:
+        """Stats of the calling thread's last forward / generate call with visual tokens (None
+        before the first); another thread's calls never show here."""
+        return getattr(self._local, "stats", None)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> "PruneHandle":
+        """``copy.deepcopy(model)`` copies the hooks and so this handle: the copy is patched with a
+        handle of its own (``tokenprune.get_handle(copy)``), bound to the copied modules; it starts
+        with no stats, records or encodings. Specs and configs are immutable and shared."""
+        from . import api  # late import: api owns the model -> handle table
+
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        shared = {"spec", "config", "vspec", "vconfig", "lspec", "lconfig", "requests"}
+        skip = {"_state", "_vision", "_labels", "_local", "_lock", "_records"}
+        for key, value in self.__dict__.items():
+            if key in skip:
+                continue
+            new.__dict__[key] = value if key in shared else copy.deepcopy(value, memo)
+        new._fresh_state()
+        if not new._removed:
+            api._adopt(new)
+        return new
 
     # -- install / remove ------------------------------------------------------------------------
     def _add(self, h: torch.utils.hooks.RemovableHandle) -> None:
         self._hooks.append(h)
 
-    def install(self) -> "PruneHandle":
+    def hooked_modules(self) -> list[nn.Module]:
+        """Every module this handle installs a hook on (checked before anything is installed)."""
         fam = self.family
+        mods = [fam.model, fam.outer, fam.language_model]
+        if self.vspec is not None:
+            mods += [fam.vision_tower, fam.selection_module]
+            for layer in sorted({r.layer for r in self.requests}):
+                mods += fam.vision_capture_modules(layer)
+        if self.lspec is not None:
+            k = self.llm_layer
+            la = fam.llm_attention(k - 1)
+            mods += [la.q_source, la.k_source, la.module, *fam.decoder_layers[k:]]
+        return mods
+
+    def preflight(self) -> list[nn.Module]:
+        """Resolve every module the install needs and check it can take a hook, touching nothing.
+        Raises :class:`UnsupportedModelError` naming what is missing."""
+        try:
+            mods = self.hooked_modules()
+        except TokenPruneError:
+            raise
+        except (AttributeError, IndexError, KeyError, TypeError) as e:
+            raise UnsupportedModelError(
+                f"{type(self.model).__name__} does not have the layout family {self.family.name!r} expects "
+                f"for {self.spec.name}: {type(e).__name__}: {e}") from e
+        for m in mods:
+            if not isinstance(m, nn.Module):
+                raise UnsupportedModelError(
+                    f"family {self.family.name!r} resolved a {type(m).__name__} where a module was expected")
+        self.modules = mods
+        return mods
+
+    def install(self) -> "PruneHandle":
+        """Install every hook, or none: on any failure the hooks added so far are removed and the
+        error is raised as a :class:`TokenPruneError`."""
+        try:
+            self._install()
+        except Exception as e:
+            for h in self._hooks:
+                h.remove()
+            self._hooks.clear()
+            self._removed = True
+            if isinstance(e, TokenPruneError):
+                raise
+            raise UnsupportedModelError(
+                f"installing {self.spec.name} on {type(self.model).__name__} failed and was rolled back: "
+                f"{type(e).__name__}: {e}") from e
+        return self
+
+    def _install(self) -> None:
+        fam = self.family
+        self._add(fam.model.register_forward_pre_hook(self._top_pre, with_kwargs=True))
+        self._add(fam.model.register_forward_hook(self._top_post, with_kwargs=True, always_call=True))
         self._add(fam.outer.register_forward_pre_hook(self._outer_pre, with_kwargs=True))
         self._add(fam.outer.register_forward_hook(self._outer_post, always_call=True))
         self._add(fam.language_model.register_forward_pre_hook(self._lm_pre, with_kwargs=True))
@@ -136,13 +243,12 @@ class PruneHandle(InnerLLMStage):
         if self.lspec is not None:
             k = self.llm_layer
             la = fam.llm_attention(k - 1)
-            self._add(la.q_source.register_forward_hook(self._capture(k - 1, "q")))
-            self._add(la.k_source.register_forward_hook(self._capture(k - 1, "k")))
+            self._add(la.q_source.register_forward_hook(partial(self._capture, k - 1, "q")))
+            self._add(la.k_source.register_forward_hook(partial(self._capture, k - 1, "k")))
             self._add(la.module.register_forward_pre_hook(self._llm_attn_pre, with_kwargs=True))
-            self._add(la.module.register_forward_hook(self._llm_attn_post(la)))
+            self._add(la.module.register_forward_hook(partial(self._llm_attn_post, la)))
             for layer in fam.decoder_layers[k:]:
                 self._add(layer.register_forward_pre_hook(self._layer_pre, with_kwargs=True))
-        return self
 
     def remove(self) -> None:
         """Remove every hook; the model is exactly as before ``apply``."""
@@ -151,9 +257,7 @@ class PruneHandle(InnerLLMStage):
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
-        self._records = weakref.WeakKeyDictionary()
-        with self._lock:
-            self._encoded_by_thread.clear()
+        self._fresh_state()
         self._removed = True
         api._forget(self.model, self)
 
@@ -170,17 +274,64 @@ class PruneHandle(InnerLLMStage):
     def __repr__(self) -> str:
         return f"PruneHandle({self.config!r}, family={self.family.name!r}, active={self.active})"
 
+    # -- top-level model: labels ---------------------------------------------------------------
+    def _top_pre(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]):
+        """Take ``labels`` out of the call: the loss is computed after the forward on the labels
+        sliced like the sequence (the model's own loss would see a length mismatch)."""
+        labels = kwargs.get("labels")
+        if labels is None:
+            self._labels.set(None)
+            return None
+        extra = {k: kwargs[k] for k in ("num_items_in_batch", "ignore_index") if k in kwargs}
+        self._labels.set(LabelsCall(labels=labels, extra=extra))
+        new = dict(kwargs)
+        new["labels"] = None
+        return args, new
+
+    def _top_post(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
+        lc = self._labels.get()
+        self._labels.set(None)
+        if lc is None or getattr(output, "logits", None) is None:
+            return
+        logits = output.logits
+        if logits.shape[1] != lc.labels.shape[1]:
+            raise UnsupportedCallError(
+                f"labels of length {lc.labels.shape[1]} do not match the {logits.shape[1]} logits "
+                "(pass logits_to_keep=0 with labels)")
+        vocab = module.config.get_text_config().vocab_size
+        output.loss = module.loss_function(logits=logits, labels=lc.labels.to(logits.device),
+                                           vocab_size=vocab, **lc.extra)
+
+    def _slice_labels(self, idx: torch.Tensor, ghost: torch.Tensor | None = None) -> None:
+        """Follow a gather of the sequence: positions that are new padding (or ghosts) predict nothing."""
+        lc = self._labels.get()
+        if lc is None:
+            return
+        labels = take(lc.labels, idx, 1, -100)
+        if ghost is not None:
+            labels = labels.masked_fill(ghost.to(labels.device), -100)
+        lc.labels = labels
+
     # -- outer model: start / end of one call ---------------------------------------------------
-    def _outer_pre(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+    def _outer_pre(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]):
         fam = self.family
-        state = CallState(caller_positions=kwargs.get("position_ids") is not None)
+        cache = cache_of(kwargs)
+        state = CallState(caller_positions=kwargs.get("position_ids") is not None,
+                          uncached=cache is None)
         masks = fam.placeholder_masks(args, kwargs)
         given_all = kwargs.get("mm_encoder_outputs") or {}
         # a modality counts only when the call carries its pixels or encodings: a placeholder id
         # in a decode step (or in text) is plain text to the model too
         masks = {m: v for m, v in masks.items() if v is not None and bool(v.any())
                  and (kwargs.get(fam.pixel_keys[m]) is not None or given_all.get(m) is not None)}
+        trimmed = None
+        if not masks:
+            record = self._records.get(cache) if cache is not None else None
+            if record is not None:
+                trimmed = self._continue_record(record, cache, args, kwargs)
         if masks:
+            self._refuse_before_running(cache, kwargs)
+            self._warn_long(masks)
             state.visual = torch.stack(list(masks.values())).any(0)
             counts = fam.placeholder_counts(args, kwargs)
             if counts is None:
@@ -207,7 +358,110 @@ class PruneHandle(InnerLLMStage):
                     state.given[m] = list(given.pooler_output)
                 else:
                     state.from_forward.append(m)
+            if state.uncached and self.lspec is not None:
+                state.continuation = self._uncached_continuation(args, kwargs, masks)
+            state.ids = fam.input_ids(args, kwargs)
         self._state.set(state)
+        return trimmed
+
+    def _refuse_before_running(self, cache: Any, kwargs: dict[str, Any]) -> None:
+        """Typed refusals of generation modes pruning cannot serve, before any layer runs."""
+        if cache is not None and (seq_len(cache) > 0 or cache in self._records):
+            raise UnsupportedCallError(
+                "pruning images in a call that continues a non-empty KV cache is not supported (a "
+                "new image in a later turn); start a new generation over the whole conversation")
+        if self.lspec is not None and cache is not None and getattr(cache, "is_compileable", False):
+            raise UnsupportedCallError(
+                f"{self.lspec.name} drops tokens inside the LLM, so layers >= {self.llm_layer} hold fewer "
+                "tokens than the static KV cache's slot layout shared by all layers; use the default "
+                "DynamicCache (do not pass cache_implementation='static'), or a vision-stage strategy")
+
+    def _warn_long(self, masks: dict[str, torch.Tensor]) -> None:
+        limit = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
+        length = next(iter(masks.values())).shape[1]
+        if limit is not None and length > limit:
+            warnings.warn(
+                f"the prompt has {length} tokens, more than the model's max_position_embeddings={limit}: "
+                "positions past it were never trained and answers are likely garbage", TokenPruneWarning,
+                stacklevel=2)
+
+    def _continue_record(self, rec: PruneRecord, cache: Any, args: tuple, kwargs: dict[str, Any]):
+        """A call that continues a generation whose prompt was pruned before the LLM.
+
+        ``generate`` slices a continuation (a second turn passing the first turn's cache with the
+        whole conversation's ``input_ids``) at ``cache.get_seq_length()``, which lags the sequence
+        by the tokens pruning took out: the chunk then starts with ``rec.offset`` tokens already in
+        the cache. Recognised by the full-length 2D mask when there is one, else by the chunk
+        re-sending the ids the cache ended with; those tokens are trimmed from every per-token
+        argument. Returns new (args, kwargs), or None when the chunk is already right."""
+        ids = self.family.input_ids(args, kwargs)
+        embeds = kwargs.get("inputs_embeds")
+        x = ids if ids is not None else embeds
+        if x is None:
+            return None
+        q, off = x.shape[1], rec.offset
+        past = seq_len(cache)
+        mask = kwargs.get("attention_mask")
+        stale = False
+        if off > 0 and q > off:
+            if torch.is_tensor(mask) and mask.dim() == 2:
+                stale = mask.shape[1] - q == past
+                if not stale and mask.shape[1] - q != past + off:
+                    raise UnsupportedCallError(
+                        f"the attention_mask covers {mask.shape[1]} tokens, but the pruned cache holds "
+                        f"{past + off} (in unpruned numbering) and the call adds {q}")
+            elif ids is not None and rec.tail is not None and rec.tail.shape[1] == off:
+                stale = torch.equal(ids[:, :off].to(rec.tail.device), rec.tail)
+        if not stale:
+            self._extend_tail(rec, ids)
+            return None
+        new = dict(kwargs)
+        if ids is not None and "input_ids" in kwargs:
+            new["input_ids"] = ids[:, off:]
+        if embeds is not None:
+            new["inputs_embeds"] = embeds[:, off:]
+        for key in ("position_ids", "mm_token_type_ids", "token_type_ids"):
+            v = kwargs.get(key)
+            if torch.is_tensor(v) and v.shape[-1] == q:
+                new[key] = v[..., off:]
+        new_args = args
+        if args and ids is not None and "input_ids" not in kwargs:
+            new_args = (ids[:, off:],) + tuple(args[1:])
+        self._extend_tail(rec, ids[:, off:] if ids is not None else None)
+        return new_args, new
+
+    @staticmethod
+    def _extend_tail(rec: PruneRecord, ids: torch.Tensor | None) -> None:
+        if rec.tail is None or ids is None or rec.offset == 0:
+            rec.tail = None if ids is None else rec.tail
+            return
+        rec.tail = torch.cat([rec.tail, ids.to(rec.tail.device)], 1)[:, -rec.offset:]
+
+    def _uncached_continuation(self, args: tuple, kwargs: dict[str, Any], masks: dict[str, torch.Tensor]):
+        """``use_cache=False`` generation re-runs the whole sequence each step with the same visual
+        inputs (the same tensor objects). An uncached call whose ids start with the previous
+        uncached call's prompt on this thread, with the same visual inputs, continues it and keeps
+        its inner-LLM selection (as the cached path does); anything else starts afresh."""
+        ids = self.family.input_ids(args, kwargs)
+        fam = self.family
+        given = kwargs.get("mm_encoder_outputs") or {}
+        visual = tuple(x for m in fam.pixel_keys
+                       for x in (kwargs.get(fam.pixel_keys[m]), getattr(given.get(m), "pooler_output", None))
+                       if x is not None)
+        prev: Continuation | None = getattr(self._local, "continuation", None)
+        if ids is None:
+            self._local.continuation = None
+            return None
+        if (prev is not None and prev.keep is not None and ids.shape[0] == prev.prompt.shape[0]
+                and ids.shape[1] > prev.prompt.shape[1] and len(visual) == len(prev.visual)
+                and all(a is b for a, b in zip(visual, prev.visual))
+                and torch.equal(ids[:, :prev.prompt.shape[1]], prev.prompt.to(ids.device))):
+            return prev
+        self._local.continuation = Continuation(prompt=ids, visual=visual)
+        return None
+
+    def _outer_post(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self._state.set(None)
 
     @staticmethod
     def _spans(mask: torch.Tensor, counts: list[int], modality: str) -> list[Span]:
@@ -226,18 +480,13 @@ class PruneHandle(InnerLLMStage):
             spans.append(Span(row=int(chunk[0, 0]), cols=chunk[:, 1].clone(), modality=modality))
         return spans
 
-    def _outer_post(self, module: nn.Module, args: tuple, output: Any) -> None:
-        self._state.set(None)
-
     # -- attention capture --------------------------------------------------------------------
-    def _capture(self, layer: int, which: str):
+    def _capture(self, layer: int, which: str, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         """LLM layer K-1's q / k projection outputs (inner-LLM strategies, prefill only)."""
-        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            target = self._state.get()
-            if target is None or target.fastv is None or "idx" in target.fastv:
-                return
-            target.qk.setdefault(layer, {})[which] = output
-        return hook
+        target = self._state.get()
+        if target is None or target.fastv is None or "idx" in target.fastv:
+            return
+        target.qk.setdefault(layer, {})[which] = output
 
     def _scratch(self) -> dict[Any, Any] | None:
         state = self._vision.get()
@@ -429,7 +678,14 @@ class PruneHandle(InnerLLMStage):
                 continue
             if m not in raws:
                 raise UnsupportedCallError(f"no encoder pass was seen for the {m}s of this call")
-            layouts.extend(fam.lm_layouts(m, spans, embeds, raws[m], per_frame))
+            # generate's beam search / num_return_sequences repeats pre-encoded items (the same
+            # encoding) for each copy of a prompt: lay out each distinct item once, copy the rest
+            first = _first_equal(state.given[m]) if m in state.given and len(state.given[m]) == len(spans) \
+                else list(range(len(spans)))
+            uniq = sorted(set(first))
+            lays = dict(zip(uniq, fam.lm_layouts(m, [spans[i] for i in uniq], embeds, raws[m], per_frame)))
+            layouts.extend(lays[i] if i == j else _rebase(lays[i], spans[j], length)
+                           for j, i in enumerate(first))
         images, merged = self._select_layouts(embeds.reshape(b * length, d), layouts)
         for i, sp in enumerate(state.spans):
             if sp.modality == "image" and self.vspec.images == "keep":   # a video method: images pass whole
@@ -439,8 +695,10 @@ class PruneHandle(InnerLLMStage):
 
     def _encoded(self) -> list[Encoded]:
         """This thread's recent encodings (newest last)."""
-        with self._lock:
-            return self._encoded_by_thread.setdefault(threading.get_ident(), [])
+        enc = getattr(self._local, "encoded", None)
+        if enc is None:
+            enc = self._local.encoded = []
+        return enc
 
     def _take_selections(self, state: CallState) -> list[ImageSel]:
         """Selections of the images / videos of this call, in span order."""
@@ -495,10 +753,6 @@ class PruneHandle(InnerLLMStage):
                 return None  # text-only call: pass-through
             state.record = record
             return args, self._decode_inputs(record, kwargs, cache, state.caller_positions)
-        if record is not None or seq_len(cache) > 0:
-            raise UnsupportedCallError(
-                "pruning a prefill that continues a non-empty KV cache is not supported; "
-                "start a new generation for each prompt with images")
         embeds = kwargs.get("inputs_embeds")
         if embeds is None or embeds.shape[:2] != state.visual.shape:
             raise UnsupportedCallError("the language model did not receive inputs_embeds of the prompt's shape")
@@ -524,7 +778,7 @@ class PruneHandle(InnerLLMStage):
             state.pending = None
         if state.stats is not None and state.stats.visual_tokens_in:
             state.stats.prune_ms = state.seconds * 1000.0
-            self.last_stats = state.stats
+            self._local.stats = state.stats
             state.stats = None
 
     def _prune_inputs(self, state: CallState, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -552,12 +806,12 @@ class PruneHandle(InnerLLMStage):
         idx = left_packed_index(keep)
         new = dict(kwargs)
         new["inputs_embeds"] = take(embeds, idx, 1, 0)
-        mask = kwargs.get("attention_mask")
-        if mask is not None and mask.dim() != 2:
-            raise UnsupportedCallError("input pruning needs a 2D attention_mask (or none)")
+        mask = padding_mask(kwargs.get("attention_mask"), length)
         if mask is None:
             mask = torch.ones(b, length, dtype=torch.long, device=embeds.device)
-        new["attention_mask"] = take(mask, idx, 1, 0)  # explicit, avoids packed-sequence detection
+        # a 2D mask, explicit: avoids packed-sequence detection, and lets the model build the masks
+        # of a static cache for the pruned slots (the 4D ones generate made count unpruned slots)
+        new["attention_mask"] = take(mask, idx, 1, 0)
         pos = kwargs.get("position_ids")
         if pos is None:
             pos = torch.arange(length, device=embeds.device)[None].expand(b, length)
@@ -567,7 +821,12 @@ class PruneHandle(InnerLLMStage):
             pos = pos - (shift if pos.dim() == 2 else shift[None])
         new["position_ids"] = take_positions(pos, idx)
         self.family.prune_lm_kwargs(new, kwargs, keep, idx)
-        state.pending = PruneRecord(full_len=length, idx=idx, dropped=dropped_mask.sum(1), compact=compact)
+        self._slice_labels(idx)
+        state.pending = PruneRecord(full_len=length, idx=idx, dropped=dropped_mask.sum(1), compact=compact,
+                                    pad2d=mask)
+        off = state.pending.offset
+        if state.ids is not None and state.ids.shape[1] == length and off > 0:
+            state.pending.tail = state.ids[:, -off:]
         state.seconds += time.perf_counter() - t0
         return new
 
@@ -588,6 +847,12 @@ class PruneHandle(InnerLLMStage):
         past = seq_len(cache)
         n_new = rec.idx.shape[1]
         mask = kwargs.get("attention_mask")
+        if mask is not None and not (torch.is_tensor(mask) and mask.dim() == 2):
+            # a static cache's 4D masks (made by generate for unpruned slots): rebuild the 2D mask
+            # from the prefill's padding and the tokens since, and let the model make its own
+            n_after = past - n_new + q
+            mask = torch.cat([rec.pad2d.to(rec.idx.device),
+                              torch.ones(b, n_after, dtype=rec.pad2d.dtype, device=rec.idx.device)], 1)
         if mask is not None:
             new["attention_mask"] = torch.cat([take(mask[:, :rec.full_len], rec.idx, 1, 0), mask[:, rec.full_len:]], 1)
         elif bool((rec.idx < 0).any()):

@@ -24,3 +24,11 @@ class IncompatibleStrategyError(TokenPruneError, ValueError):
 
 class UnsupportedCallError(TokenPruneError, RuntimeError):
     """A forward/generate call uses a feature pruning cannot serve (e.g. a static KV cache)."""
+
+
+class NotAppliedError(TokenPruneError, ValueError):
+    """``remove`` was called on a model that no strategy is applied to."""
+
+
+class TokenPruneWarning(UserWarning):
+    """Something will run but likely not as meant (e.g. a prompt past the model's positions)."""

@@ -7,6 +7,7 @@ The engine only talks to this interface.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Callable, ClassVar, Sequence
 
 import torch
@@ -141,24 +142,35 @@ class Family:
         ``compute()`` returning the requested reductions per image ([n_img, P+N] / [n_img, P+N, d]).
         ``scratch()`` is the current pass's private dict (None outside a patched pass): captured
         tensors go there, never on modules, so concurrent threads stay apart."""
+        va = self.vision_attention(layer)
+        # partials of methods, not closures: ``copy.deepcopy(model)`` then binds the copy's hooks
+        # to the copied family and handle
+        return [va.q_source.register_forward_hook(partial(self._grab_vision, layer, "q", scratch)),
+                va.k_source.register_forward_hook(partial(self._grab_vision, layer, "k", scratch)),
+                va.module.register_forward_hook(partial(self._vision_done, layer, frozenset(kinds), store, scratch))]
+
+    @staticmethod
+    def _grab_vision(layer: int, which: str, scratch: ScratchFn, module: nn.Module, args: tuple,
+                     output: torch.Tensor) -> None:
+        box = scratch()
+        if box is not None:
+            box[(layer, which)] = output
+
+    def _vision_done(self, layer: int, kinds: frozenset[str], store: StoreFn, scratch: ScratchFn,
+                     module: nn.Module, args: tuple, output: Any) -> None:
         from .attention import vision_reductions
 
+        box = scratch()
+        if box is not None and (layer, "q") in box and (layer, "k") in box:
+            va = self.vision_attention(layer)
+            q, k = box.pop((layer, "q")), box.pop((layer, "k"))
+            store(layer, lambda: vision_reductions(q, k, va.num_heads, va.scale, set(kinds)))
+
+    def vision_capture_modules(self, layer: int) -> list[nn.Module]:
+        """The modules :meth:`install_vision_capture` hooks for ``layer`` (resolved before any hook
+        is installed, so a model without them is refused untouched)."""
         va = self.vision_attention(layer)
-
-        def grab(which: str):
-            def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-                box = scratch()
-                if box is not None:
-                    box[(layer, which)] = output
-            return hook
-
-        def done(module: nn.Module, args: tuple, output: Any) -> None:
-            box = scratch()
-            if box is not None and (layer, "q") in box and (layer, "k") in box:
-                q, k = box.pop((layer, "q")), box.pop((layer, "k"))
-                store(layer, lambda: vision_reductions(q, k, va.num_heads, va.scale, kinds))
-        return [va.q_source.register_forward_hook(grab("q")), va.k_source.register_forward_hook(grab("k")),
-                va.module.register_forward_hook(done)]
+        return [va.q_source, va.k_source, va.module]
 
     def vision_begin(self, args: tuple, kwargs: dict[str, Any]) -> Any:
         """Per-pass facts read from the encoder call (e.g. Qwen's grid_thw); None here."""

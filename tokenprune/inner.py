@@ -25,10 +25,6 @@ class InnerLLMStage:
     """Hooks of the inner-LLM stage (score at layer K-1, drop or merge from layer K)."""
 
     def _start_inner(self, state: CallState, kwargs: dict[str, Any], cache: Any):
-        if cache is not None and getattr(cache, "is_compileable", False):
-            raise UnsupportedCallError(
-                f"{self.lspec.name} drops tokens inside the LLM, which a static KV cache cannot hold; "
-                "use the default DynamicCache (do not pass cache_implementation='static')")
         mask = kwargs.get("attention_mask")
         b, length = state.visual.shape
         if mask is not None and mask.dim() != 2:
@@ -45,21 +41,35 @@ class InnerLLMStage:
         if state is not None and state.fastv is not None and "idx" not in state.fastv:
             state.fastv["rope"] = kwargs.get("position_embeddings")
 
-    def _llm_attn_post(self, la: Any):
-        def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            state = self._state.get()
-            if state is None or state.fastv is None or "idx" in state.fastv:
-                return
-            t0 = time.perf_counter()
-            self._select_inner(state, la)
-            state.seconds += time.perf_counter() - t0
-        return hook
+    def _llm_attn_post(self, la: Any, module: nn.Module, args: tuple, output: Any) -> None:
+        state = self._state.get()
+        if state is None or state.fastv is None or "idx" in state.fastv:
+            return
+        t0 = time.perf_counter()
+        self._select_inner(state, la)
+        state.seconds += time.perf_counter() - t0
 
     def _select_inner(self, state: CallState, la: Any) -> None:
-        fv = state.fastv
         k = self.llm_layer - 1
         qk = state.qk.pop(k)
         b, length = state.visual.shape
+        cont = state.continuation
+        if cont is not None and cont.keep is not None and cont.keep.shape[0] == b and cont.keep.shape[1] <= length:
+            # an uncached generation step: keep the prefill's selection; every later token is text
+            keep = torch.ones(b, length, dtype=torch.bool, device=cont.keep.device)
+            keep[:, :cont.keep.shape[1]] = cont.keep
+            self._apply_inner_keep(state, keep.to(state.visual.device), b, length)
+            return
+        keep = self._choose_inner(state, la, qk, b, length)
+        if state.uncached:
+            c = getattr(self._local, "continuation", None)
+            if c is not None and c.keep is None:
+                c.keep = keep
+        self._apply_inner_keep(state, keep, b, length)
+
+    def _choose_inner(self, state: CallState, la: Any, qk: dict[str, torch.Tensor], b: int, length: int) -> torch.Tensor:
+        """[B, L] keep mask at the LLM input from the last prompt token's attention at layer K-1."""
+        fv = state.fastv
         rows = torch.arange(b)
         last = fv["last"].cpu()
         q = qk["q"].reshape(b, length, la.num_heads, la.head_dim)[rows, last][:, None]  # [B, 1, H, d]
@@ -87,6 +97,13 @@ class InnerLLMStage:
             kept = self.lspec.select_llm(self.lconfig, row[sp.row, content], n_keep)
             keep[sp.row, span[~cand]] = True
             keep[sp.row, content[kept]] = True
+        return keep
+
+    def _apply_inner_keep(self, state: CallState, keep: torch.Tensor, b: int, length: int) -> None:
+        """Stats, ghost padding, the layer-K gather index and the record for ``keep`` [B, L]."""
+        fv = state.fastv
+        visual = state.visual.to(keep.device)
+        dev = keep.device
         if self.vspec is None:
             self._fill_stats(state, keep, b)
         else:  # stacked: stats describe the LLM input; the inner stage adds its own counts
@@ -109,6 +126,7 @@ class InnerLLMStage:
         idx = left_packed_index(keep_k)
         ghost = torch.gather(ghost_full, 1, idx) if bool(ghost_full.any()) else None
         fv["idx"], fv["ghost"] = idx, ghost
+        self._slice_labels(idx, ghost)
         self._fill_flops(state, length, idx.shape[1], b, split_layer=self.llm_layer)
         if bool((visual & ~keep).any()):
             rec = state.pending or PruneRecord(full_len=length)   # stacked: extend the input record

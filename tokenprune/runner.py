@@ -58,18 +58,50 @@ def to_model(inputs: Any, model: Any, device: Any) -> dict[str, torch.Tensor]:
     return {k: (v.to(device, model.dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items()}
 
 
+#: input bounds (the demo serves uploads): bytes of a file, pixels of an image or of one frame
+MAX_FILE_BYTES = 50 * 1024 * 1024
+MAX_PIXELS = 6000 * 6000
+
+
+def _check_file(path: Path, what: str) -> None:
+    size = path.stat().st_size
+    if size > MAX_FILE_BYTES:
+        raise ConfigError(f"{path.name}: the {what} file has {size / 2**20:.1f} MB, more than the "
+                          f"{MAX_FILE_BYTES // 2**20} MB allowed")
+
+
+def _check_pixels(im: Image.Image, what: str) -> None:
+    """Checked on the header, before anything is decoded (a 20 KB PNG can decode to gigabytes)."""
+    w, h = im.size
+    if w * h > MAX_PIXELS:
+        raise ConfigError(f"the {what} is {w} x {h} pixels, more than the {MAX_PIXELS:,} allowed; "
+                          "downscale it first")
+
+
 def open_image(path: str | Path) -> Image.Image:
-    """An RGB image from a file, or a ConfigError that says what is wrong with it."""
+    """An RGB image from a file, or a ConfigError that says what is wrong with it (missing,
+    undecodable, or past :data:`MAX_FILE_BYTES` / :data:`MAX_PIXELS`, checked before decoding)."""
+    p = Path(path)
     try:
-        with Image.open(path) as im:
+        _check_file(p, "image")
+        with Image.open(p) as im:
+            _check_pixels(im, "image")
             return im.convert("RGB")
     except FileNotFoundError:
         raise ConfigError(f"image file not found: {path}") from None
+    except ConfigError:
+        raise
     except Exception as e:  # PIL raises several types for undecodable files
         raise ConfigError(f"cannot read {path} as an image ({type(e).__name__}: {e})") from None
 
 
 VIDEO_FRAMES = 8
+
+
+def _sample(n: int, frames: int) -> list[int]:
+    import numpy as np
+
+    return sorted(set(np.linspace(0, n - 1, num=min(frames, n)).round().astype(int).tolist()))
 
 
 def open_video(path: str | Path, frames: int = VIDEO_FRAMES) -> Any:
@@ -80,21 +112,33 @@ def open_video(path: str | Path, frames: int = VIDEO_FRAMES) -> Any:
     p = Path(path)
     if not p.exists():
         raise ConfigError(f"video file not found: {path}")
+    _check_file(p, "video")
     arr = None
     try:
         if p.suffix.lower() == ".npy":
-            arr = np.load(p)
+            arr = np.load(p, mmap_mode="r")
+            if arr.ndim == 4 and arr.shape[1] * arr.shape[2] > MAX_PIXELS:
+                raise ConfigError(f"video frames of {arr.shape[2]} x {arr.shape[1]} pixels are more than "
+                                  f"the {MAX_PIXELS:,} allowed")
+            if arr.ndim == 4 and arr.shape[0] >= 1:
+                arr = np.asarray(arr[_sample(arr.shape[0], frames)])
         elif p.suffix.lower() in (".gif", ".webp", ".png", ".apng"):
-            from PIL import ImageSequence
-
             with Image.open(p) as im:
-                arr = np.stack([np.asarray(f.convert("RGB")) for f in ImageSequence.Iterator(im)])
+                _check_pixels(im, "video frame")
+                picked = []
+                for i in _sample(getattr(im, "n_frames", 1), frames):   # decode only the frames used
+                    im.seek(i)
+                    picked.append(np.asarray(im.convert("RGB")))
+                arr = np.stack(picked)
         else:
             try:
                 import decord
 
                 vr = decord.VideoReader(str(p))
-                arr = vr.get_batch(list(range(len(vr)))).asnumpy()
+                h, w = vr[0].shape[:2]
+                if h * w > MAX_PIXELS:
+                    raise ConfigError(f"video frames of {w} x {h} pixels are more than the {MAX_PIXELS:,} allowed")
+                arr = vr.get_batch(_sample(len(vr), frames)).asnumpy()
             except ImportError:
                 try:
                     import av

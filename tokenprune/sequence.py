@@ -47,6 +47,25 @@ def left_packed_index(keep: torch.Tensor) -> torch.Tensor:
     return torch.stack(rows)
 
 
+def padding_mask(mask: Any, length: int) -> torch.Tensor | None:
+    """[B, length] 1/0 padding mask of a prefill from its attention mask in any form: 2D as is; a
+    4D [B, 1, Q, K] (or a dict of them, per layer type, as ``generate`` builds for static caches)
+    read from the last query row, which sees every non-padding key of the prompt."""
+    if mask is None:
+        return None
+    if isinstance(mask, dict):   # a None entry: the kernel's own causal path, no padding
+        mask = mask.get("full_attention", next(iter(mask.values()), None))
+        if mask is None:
+            return None
+    if not torch.is_tensor(mask):
+        raise TypeError(f"cannot read a padding mask from a {type(mask).__name__} attention mask")
+    if mask.dim() == 2:
+        return mask
+    row = mask[:, 0, -1, :length]
+    ok = row if row.dtype == torch.bool else row == 0
+    return ok.long()
+
+
 def min_value(mask: torch.Tensor) -> Any:
     return False if mask.dtype == torch.bool else torch.finfo(mask.dtype).min
 

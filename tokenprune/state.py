@@ -24,6 +24,15 @@ class PruneRecord:
     inner_len: int = 0                     # inner-LLM: sequence length at the LLM input
     idx_k: torch.Tensor | None = None      # [B, L_K] kept positions at layer K
     ghost: torch.Tensor | None = None      # [B, L_K] True where a token only pads a row (masked key)
+    pad2d: torch.Tensor | None = None      # [B, full_len] the prefill's 2D padding mask (static caches
+                                           # get a 4D mask per step, which no longer says it)
+    tail: torch.Tensor | None = None       # [B, <= full_len - L'] ids of the last consumed tokens: a
+                                           # continuation re-sending them is recognised and trimmed
+
+    @property
+    def offset(self) -> int:
+        """Tokens the input-level prune took out of the cache (its length lags the sequence by this)."""
+        return 0 if self.idx is None else self.full_len - self.idx.shape[1]
 
 
 @dataclass
@@ -69,6 +78,24 @@ class Encoded:
 
 
 @dataclass
+class LabelsCall:
+    """``labels`` taken from a top-level call, sliced with the sequence as tokens are dropped."""
+
+    labels: torch.Tensor                   # [B, L] -> [B, L'] (-100 where nothing is to be predicted)
+    extra: dict[str, Any] = field(default_factory=dict)   # loss kwargs (num_items_in_batch, ...)
+
+
+@dataclass
+class Continuation:
+    """What an uncached generation keeps from its first call (``use_cache=False`` re-runs the whole
+    sequence every step; the inner-LLM selection must stay the prefill's, as with a cache)."""
+
+    prompt: torch.Tensor                   # [B, L0] input ids of the first call
+    visual: tuple[Any, ...]                # the visual inputs of that call (same objects every step)
+    keep: torch.Tensor | None = None       # [B, L0'] inner-stage keep mask over the LLM input
+
+
+@dataclass
 class CallState:
     visual: torch.Tensor | None = None                     # [B, L] placeholder mask (all modalities)
     spans: list[Span] = field(default_factory=list)        # images then videos, encoder order
@@ -85,4 +112,7 @@ class CallState:
     pending: PruneRecord | None = None
     record: PruneRecord | None = None       # the record layers must follow in this call
     fastv: dict[str, Any] | None = None
+    continuation: Continuation | None = None   # uncached step of a generation: reuse its selection
+    uncached: bool = False                     # no KV cache in this call
+    ids: torch.Tensor | None = None            # [B, L] the call's input ids (before any pruning)
     memo: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)

@@ -4,8 +4,9 @@ Layers 0..K-1 see every token; the attention row of the last prompt token at lay
 (heads averaged, as the official code; the paper text describes a mean over all queries) ranks
 each image's visual tokens; layers K.. see only the kept ones, which keep their original
 positions. With a KV cache the pruning happens once, at prefill (the KV cache of layers >= K
-holds only kept tokens). With ``use_cache=False`` every step is a new prefill and re-ranks with the
-current last token, as the official no-cache code does. The budget is per image.
+holds only kept tokens). Deviation: with ``use_cache=False`` the official no-cache code re-ranks on
+every step from the newest token; the engine keeps the prefill's selection instead, so
+``use_cache`` changes speed, not answers. The budget is per image.
 """
 from __future__ import annotations
 
