@@ -1,4 +1,2 @@
-"""Model-family adapters, one module per family; importing registers them by model_type."""
-from . import llava  # noqa: F401
-from . import qwen_vl  # noqa: F401
-from . import llava_next  # noqa: F401
+"""Model-family adapters, one module per family, found by :mod:`tokenprune.registry` (importing a
+module registers it by its declared ``model_types``); nothing here lists them."""

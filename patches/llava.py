@@ -65,11 +65,12 @@ def vision_encoder_layers(tower: nn.Module) -> nn.ModuleList:
     raise UnsupportedModelError(f"cannot find the encoder layers of vision tower {type(tower).__name__}")
 
 
+@register_family
 class LlavaFamily(DecoderLLM, Family):
     name = "llava"
     model_types = ("llava",)
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: Any) -> None:
         super().__init__(model)
         core = getattr(model, "model", model)
         for attr in ("vision_tower", "multi_modal_projector", "language_model"):
@@ -107,7 +108,7 @@ class LlavaFamily(DecoderLLM, Family):
         self.provides = frozenset(provides)
 
     def vision_attention(self, layer: int) -> VisionAttention:
-        attn = self._vision_layers[layer].self_attn
+        attn: Any = self._vision_layers[layer].self_attn
         return VisionAttention(module=attn, q_source=attn.q_proj, k_source=attn.k_proj,
                                num_heads=attn.num_heads, scale=attn.scale)
 
@@ -118,5 +119,3 @@ class LlavaFamily(DecoderLLM, Family):
                          mlp=v.intermediate_size, gated=False)
         return dims, self.vision_info.num_layers, h * w + (1 if self.vision_info.has_cls else 0)
 
-
-register_family("llava", LlavaFamily)

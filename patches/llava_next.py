@@ -39,6 +39,7 @@ from tokenprune.registry import register_family
 from .llava import LlavaFamily
 
 
+@register_family
 class LlavaNextFamily(LlavaFamily):
     name = "llava_next"
     model_types = ("llava_next",)
@@ -46,7 +47,7 @@ class LlavaNextFamily(LlavaFamily):
     #: OneVision downsamples canvases larger than this many crops (``anyres_max_9``)
     max_crops: int | None = None
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: Any) -> None:
         super().__init__(model)
         if self.num_prefix:
             raise UnsupportedModelError(
@@ -56,7 +57,6 @@ class LlavaNextFamily(LlavaFamily):
         self.crop_px = int(cfg.vision_config.image_size)
         self.side = self.crop_px // int(cfg.vision_config.patch_size)
         self.pinpoints = [tuple(int(x) for x in p) for p in cfg.image_grid_pinpoints]
-        self.newline = self.outer.image_newline
         self.vision_info = type(self.vision_info)(
             num_layers=self.vision_info.num_layers, feature_layer=self.vision_info.feature_layer,
             grid=(0, 0), has_cls=self.vision_info.has_cls)
@@ -64,6 +64,12 @@ class LlavaNextFamily(LlavaFamily):
     @property
     def tokens_per_image(self) -> int | None:
         return None
+
+    @property
+    def newline(self) -> torch.Tensor:
+        """The ``image_newline`` vector, read at each use: accelerate's offloading swaps the
+        parameter object in and out around the model's forward."""
+        return self.outer.image_newline
 
     def placeholder_counts(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, list[int]] | None:
         """Runs are cut where the layout says: every image run ends with a newline token."""
@@ -122,7 +128,7 @@ class LlavaNextFamily(LlavaFamily):
             counts = self._image_counts(kwargs)
             if counts is not None:
                 return counts
-        lengths = []
+        lengths: list[int] = []
         for r in range(mask.shape[0]):
             pos = torch.nonzero(mask[r]).flatten()
             if pos.numel() == 0:
@@ -256,13 +262,23 @@ class LlavaNextFamily(LlavaFamily):
     def _video_layouts(self, spans, embeds, scores, feats, per_frame):
         raise UnsupportedCallError(f"{self.name} has no video input")
 
+    def image_overlay(self, image: Any, kept: torch.Tensor | None, merge_groups: torch.Tensor | None,
+                      processor: Any, inputs: dict[str, Any]) -> Any:
+        """Two panels: the base crop and the unpadded high-resolution canvas (with its rows)."""
+        from tokenprune.visualize import anyres_overlay
 
+        side, rows, cols = self.run_layout({k: v.cpu() for k, v in inputs.items()})[0]
+        n = side * side + rows * (cols + 1) if rows else side * side + 1
+        return anyres_overlay(image, torch.arange(n) if kept is None else kept, side, rows, cols, merge_groups)
+
+
+@register_family
 class LlavaOnevisionFamily(LlavaNextFamily):
     name = "llava_onevision"
     model_types = ("llava_onevision",)
     pixel_keys = {"image": "pixel_values", "video": "pixel_values_videos"}
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: Any) -> None:
         super().__init__(model)
         aspect = getattr(model.config, "vision_aspect_ratio", "anyres_max_9") or "anyres_max_9"
         self.max_crops = int(str(aspect).replace("anyres_max_", "")) if "max" in str(aspect) else None
@@ -275,6 +291,16 @@ class LlavaOnevisionFamily(LlavaNextFamily):
         if video is not None:
             out["video"] = video
         return out
+
+    def video_overlay(self, frames: list[Any], kept: torch.Tensor | None, n_tokens: int, processor: Any,
+                      inputs: dict[str, Any]) -> Any:
+        """The pooled grid of every frame (the newline token closing the run has no box)."""
+        from tokenprune.visualize import uniform_boxes, video_overlay
+
+        g = -(-self.side // 2)
+        boxes = uniform_boxes(frames[0].size, g, g)
+        kept = torch.arange(n_tokens) if kept is None else kept
+        return video_overlay(frames[: n_tokens // (g * g)], kept, g * g, boxes, 1)
 
     def _video_layouts(self, spans, embeds, scores, feats, per_frame):
         """A video run: frames x (pooled g x g) tokens, then one newline."""
@@ -304,6 +330,3 @@ class LlavaOnevisionFamily(LlavaNextFamily):
             raise UnsupportedCallError(f"{feats.shape[0]} encoded frames, the video placeholders account for {cursor}")
         return out
 
-
-register_family("llava_next", LlavaNextFamily)
-register_family("llava_onevision", LlavaOnevisionFamily)

@@ -46,6 +46,7 @@ from .llava import DecoderLLM
 PAPER_OBJECT_LAYER, PAPER_DEPTH = 16, 32
 
 
+@register_family
 class QwenVLFamily(DecoderLLM, Family):
     name = "qwen2_vl"
     model_types = ("qwen2_vl",)
@@ -58,7 +59,7 @@ class QwenVLFamily(DecoderLLM, Family):
     #: run of consecutive positions to close, so renumbering is refused rather than invented
     supports_compact = False
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: Any) -> None:
         super().__init__(model)
         core = getattr(model, "model", model)
         for attr in ("visual", "language_model"):
@@ -220,6 +221,32 @@ class QwenVLFamily(DecoderLLM, Family):
                     segs.extend([int(h * w)] * int(t))
         return segs
 
+    def image_overlay(self, image: Any, kept: torch.Tensor | None, merge_groups: torch.Tensor | None,
+                      processor: Any, inputs: dict[str, Any]) -> Any:
+        """Merged 2 x 2 patch cells over the resized image (its size from ``image_grid_thw``)."""
+        from tokenprune.visualize import merged_patch_boxes, overlay
+
+        _, gh, gw = (int(x) for x in inputs["image_grid_thw"][0].tolist())
+        ip = processor.image_processor
+        patch, merge = int(ip.patch_size), int(ip.merge_size)
+        boxes = merged_patch_boxes(image.size, (gh * patch, gw * patch), patch, merge)
+        if kept is None:
+            return overlay(image, torch.arange(boxes.shape[0]), boxes, outline=False)
+        return overlay(image, kept, boxes, merge_groups)
+
+    def video_overlay(self, frames: list[Any], kept: torch.Tensor | None, n_tokens: int, processor: Any,
+                      inputs: dict[str, Any]) -> Any:
+        """Merged cells per temporal patch (each covers ``temporal_patch_size`` frames)."""
+        from tokenprune.visualize import merged_patch_boxes, video_overlay
+
+        _, gh, gw = (int(x) for x in inputs["video_grid_thw"][0].tolist())
+        vp = processor.video_processor
+        patch, merge = int(vp.patch_size), int(vp.merge_size)
+        per_frame, step = (gh // merge) * (gw // merge), int(getattr(vp, "temporal_patch_size", 2))
+        boxes = merged_patch_boxes(frames[0].size, (gh * patch, gw * patch), patch, merge)
+        kept = torch.arange(n_tokens) if kept is None else kept
+        return video_overlay(frames[: (n_tokens // per_frame) * step], kept, per_frame, boxes, step)
+
     def vision_dims(self) -> tuple[LayerDims, int, int]:
         v = self.model.config.vision_config
         e = getattr(v, "embed_dim", None) or v.hidden_size
@@ -228,6 +255,7 @@ class QwenVLFamily(DecoderLLM, Family):
         return dims, self.vision_info.num_layers, 0
 
 
+@register_family
 class Qwen25VLFamily(QwenVLFamily):
     name = "qwen2_5_vl"
     model_types = ("qwen2_5_vl",)
@@ -244,14 +272,19 @@ class Qwen25VLFamily(QwenVLFamily):
         return min(full, key=lambda i: (abs(i - target), i)) + 1
 
 
+@register_family
 class Qwen3VLFamily(QwenVLFamily):
     name = "qwen3_vl"
     model_types = ("qwen3_vl",)
     modeling = "transformers.models.qwen3_vl.modeling_qwen3_vl"
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: Any) -> None:
         super().__init__(model)
         self.min_inner_layer = max(1, len(getattr(self.vision_tower, "deepstack_visual_indexes", []) or []))
+
+    def video_processor_kwargs(self, video: Any) -> dict[str, Any]:
+        """Its processor places timestamps between frames: it needs the sampling rate."""
+        return {"videos_kwargs": {"video_metadata": [{"fps": 2.0, "total_num_frames": int(video.shape[0])}]}}
 
     def prune_lm_kwargs(self, new: dict[str, Any], kwargs: dict[str, Any], keep: torch.Tensor,
                         idx: torch.Tensor) -> None:
@@ -265,7 +298,3 @@ class Qwen3VLFamily(QwenVLFamily):
         if embeds is not None:
             new["deepstack_visual_embeds"] = [e[rows.to(e.device)] for e in embeds]
 
-
-register_family("qwen2_vl", QwenVLFamily)
-register_family("qwen2_5_vl", Qwen25VLFamily)
-register_family("qwen3_vl", Qwen3VLFamily)

@@ -6,12 +6,17 @@ import math
 
 import pytest
 import torch
+from conftest import single
 
 import tokenprune
-from tokenprune import (AlreadyAppliedError, ConfigError, IncompatibleStrategyError, TokenPruneError,
-                        UnsupportedModelError)
+from tokenprune import (
+    AlreadyAppliedError,
+    ConfigError,
+    IncompatibleStrategyError,
+    TokenPruneError,
+    UnsupportedModelError,
+)
 from tokenprune.strategies.base import Selection, StrategySpec
-from conftest import single
 
 
 def snapshot(model):
@@ -77,8 +82,9 @@ def test_strategy_the_family_cannot_serve():
     """A LLaVA with a SigLIP tower has no CLS token: VisionZip ranks dominant tokens by mean received
     attention instead (asking for CLS is a clear error); with an LLM whose attention we do not know
     (here Gemma), inner-LLM strategies are refused with the list of those that fit."""
-    from tokenprune.eval.tiny import build_llava
     from transformers import GemmaConfig, LlavaForConditionalGeneration, SiglipVisionConfig
+
+    from tokenprune.eval.tiny import build_llava
 
     cfg = build_llava().config
     cfg = copy.deepcopy(cfg)
@@ -116,7 +122,7 @@ def test_config_object_form_and_stats(model):
 def test_third_party_strategy_and_duplicates(model):
     from dataclasses import dataclass
 
-    from tokenprune.registry import DuplicateRegistrationError, _BY_CONFIG, _STRATEGIES
+    from tokenprune.registry import _BY_CONFIG, _STRATEGIES, DuplicateRegistrationError
 
     @dataclass(frozen=True)
     class FirstConfig(tokenprune.PruneConfig):

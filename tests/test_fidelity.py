@@ -77,11 +77,10 @@ def test_control_forward_equals_pruned_forward():
     """The controls' masked forward is what a pruned forward computes: fed the kept indices of the
     random strategy, it gives the pruned model's logits; fed everything, the unpruned ones."""
     import torch
+    from conftest import masked_logits, pruned_and_masked_logits
 
     from tokenprune.eval.synthetic.fidelity import prepare
     from tokenprune.eval.synthetic.splits import split
-
-    from conftest import masked_logits, pruned_and_masked_logits
 
     model, processor = load()
     data = prepare(processor, split(6))

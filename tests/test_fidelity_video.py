@@ -95,12 +95,11 @@ def test_video_control_forward_equals_pruned_forward():
     """The video controls' masked forward (newline kept) gives the logits of a pruned forward fed
     the same kept tokens (random strategy, original positions)."""
     import torch
+    from conftest import pruned_and_masked_logits
 
     from tokenprune.eval.synthetic.clips import clip_split
     from tokenprune.eval.synthetic.fidelity_video import TEST_SEED, prepare
     from tokenprune.eval.tiny import ov_pooled_side
-
-    from conftest import pruned_and_masked_logits
 
     model, processor = load()
     data = prepare(processor, clip_split(3, TEST_SEED), ov_pooled_side(model.config.vision_config))

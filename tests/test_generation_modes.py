@@ -13,8 +13,17 @@ import pytest
 import torch
 
 import tokenprune
-from tokenprune.eval.tiny import (anyres_inputs, build_anyres, build_anyres_processor, build_llava, build_qwen,
-                                  prompt_ids, qwen_inputs, random_image, random_video)
+from tokenprune.eval.tiny import (
+    anyres_inputs,
+    build_anyres,
+    build_anyres_processor,
+    build_llava,
+    build_qwen,
+    prompt_ids,
+    qwen_inputs,
+    random_image,
+    random_video,
+)
 
 NEW = 4
 #: the cache argument's name: ``cache`` from transformers 5.2x (``past_key_values`` deprecated there),

@@ -7,7 +7,13 @@ import pytest
 import torch
 
 from tokenprune.strategies.holitom import (
-    allocate, dpc_knn, frame_similarity, holitom_outer, merge_clusters, merge_into_kept, segment_windows,
+    allocate,
+    dpc_knn,
+    frame_similarity,
+    holitom_outer,
+    merge_clusters,
+    merge_into_kept,
+    segment_windows,
 )
 
 

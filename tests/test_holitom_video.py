@@ -8,10 +8,10 @@ import copy
 
 import pytest
 import torch
-
-import tokenprune
 from conftest import assert_batch_equals_singles, hook_snapshot
 from test_qwen import hand_fed, recorded_vision, row_map, spans, visual_mask
+
+import tokenprune
 from tokenprune.eval.tiny import QWEN_KINDS, build_qwen, qwen_batch, qwen_inputs
 from tokenprune.strategies.holitom import holitom_in_place, merge_into_kept
 
@@ -277,6 +277,7 @@ def test_stacking_on_llava_equals_layerwise_reference():
     """The general stacking path on LLaVA-1.5 (1-D positions): hiprune before the LLM, then
     FastV at layer K on the tokens hiprune kept."""
     from conftest import N_TOK, single
+
     from tokenprune.eval.tiny import build_llava
 
     model = build_llava()

@@ -11,9 +11,9 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from conftest import hook_snapshot, manual_logits, reference_embeds, single
 
 import tokenprune
-from conftest import hook_snapshot, manual_logits, reference_embeds, single
 from tokenprune.eval.tiny import prompt_ids
 
 
@@ -247,3 +247,14 @@ def test_gif_decodes_only_the_sampled_frames(tmp_path, monkeypatch):
     assert sorted(set(seeks) - {0}) == sorted(set(np.linspace(0, 39, 8).round().astype(int).tolist()) - {0})
     assert list(arr[:, 0, 0, 0]) == [f.getpixel((0, 0))[0] for f in
                                      [frames[i] for i in np.linspace(0, 39, 8).round().astype(int)]]
+
+
+def test_debug_log_says_what_was_hooked_and_kept(model, caplog):
+    import logging
+
+    with caplog.at_level(logging.DEBUG, logger="tokenprune"):
+        with tokenprune.apply(model, "random", budget=10):
+            logits(model, single())
+    text = caplog.text
+    assert "installed random on LlavaForConditionalGeneration" in text and "model.multi_modal_projector" in text
+    assert "random kept [10] of [64] visual tokens" in text

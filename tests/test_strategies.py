@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from tokenprune.attention import last_row_attention, vision_reductions
-from tokenprune.strategies.baselines import pool_cells, pool_select, random_select
 from tokenprune.strategies.base import topk_indices
+from tokenprune.strategies.baselines import pool_cells, pool_select, random_select
 from tokenprune.strategies.fastv import fastv_select
 from tokenprune.strategies.fopru import fopru_rank, fopru_row
 from tokenprune.strategies.hiprune import cross_neighbours, default_object_layer, hiprune_select

@@ -2,10 +2,14 @@
 
     handle = tokenprune.apply(model, "hiprune", keep=0.33)
     model.generate(**inputs); handle.last_stats; handle.remove()
+
+Strategies and families are found, not listed (:mod:`tokenprune.registry`); every registered
+strategy's config class is an attribute here by its class name (``tokenprune.HiPruneConfig``).
 """
 from __future__ import annotations
 
-from . import strategies as _builtin_strategies  # noqa: F401  (registers the built-ins)
+from typing import Any
+
 from .api import apply, get_handle, load, remove, strategies_for
 from .config import PruneConfig
 from .engine import PruneHandle
@@ -20,29 +24,27 @@ from .errors import (
     UnsupportedModelError,
 )
 from .family import Family
-from .registry import list_families, list_strategies, register_family, register_strategy
+from .registry import list_families, list_strategies, plugin_errors, register_family, register_strategy
 from .stats import PruneStats
-from .strategies import (
-    FastVConfig,
-    FoPruConfig,
-    HiPruneConfig,
-    HoliTomConfig,
-    HoliTomInnerConfig,
-    PoolConfig,
-    RandomConfig,
-    StrategySpec,
-    VisionZipConfig,
-)
-
-from . import patches as _builtin_families  # noqa: F401,E402  (registers the built-in families)
+from .strategies import StrategySpec
 
 __version__ = "0.1.0"
 
 __all__ = [
     "apply", "remove", "load", "get_handle", "list_strategies", "strategies_for", "list_families",
-    "register_strategy", "register_family", "PruneHandle", "PruneStats", "PruneConfig", "Family",
-    "StrategySpec", "HiPruneConfig", "FoPruConfig", "VisionZipConfig", "FastVConfig", "RandomConfig",
-    "PoolConfig", "HoliTomConfig", "HoliTomInnerConfig",
+    "register_strategy", "register_family", "plugin_errors", "PruneHandle", "PruneStats", "PruneConfig",
+    "Family", "StrategySpec",
     "TokenPruneError", "UnsupportedModelError", "ConfigError", "AlreadyAppliedError",
     "IncompatibleStrategyError", "UnsupportedCallError", "NotAppliedError", "TokenPruneWarning",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Config classes of the registered strategies by class name (``HiPruneConfig``, a plugin's)."""
+    from . import registry
+
+    for strategy in registry.list_strategies():
+        cls = registry.get_strategy(strategy).config_cls
+        if cls.__name__ == name:
+            return cls
+    raise AttributeError(f"module 'tokenprune' has no attribute {name!r}")

@@ -1,51 +1,17 @@
 """The public surface: ``apply``, ``remove``, ``load``, ``list_strategies``, ``list_families``."""
 from __future__ import annotations
 
-import threading
-import weakref
 from typing import Any
 
 from torch import nn
 
 from . import registry
+from ._handles import _APPLIED, _LOCK, _OWNED
+from ._handles import forget as _forget
+from ._handles import patched_in as _patched_in
 from .config import PruneConfig
 from .engine import PruneHandle
-from .errors import (AlreadyAppliedError, ConfigError, IncompatibleStrategyError, NotAppliedError,
-                     UnsupportedModelError)
-
-_APPLIED: "weakref.WeakKeyDictionary[nn.Module, PruneHandle]" = weakref.WeakKeyDictionary()
-#: every module a handle hooks -> that handle: a second apply anywhere in an overlapping module tree
-#: (a submodule, a parent, a ``torch.compile`` wrapper and its original) is refused
-_OWNED: "weakref.WeakKeyDictionary[nn.Module, PruneHandle]" = weakref.WeakKeyDictionary()
-_LOCK = threading.RLock()
-
-
-def _forget(model: nn.Module, handle: PruneHandle) -> None:
-    with _LOCK:
-        if _APPLIED.get(model) is handle:
-            del _APPLIED[model]
-        for m in [m for m, h in _OWNED.items() if h is handle]:
-            del _OWNED[m]
-
-
-def _adopt(handle: PruneHandle) -> None:
-    """Register a handle made by ``copy.deepcopy`` of a patched model for the copy."""
-    with _LOCK:
-        _APPLIED[handle.model] = handle
-        for m in handle.modules:
-            _OWNED[m] = handle
-
-
-def _patched_in(model: nn.Module) -> PruneHandle | None:
-    """The handle patching ``model`` or any module inside it, if any."""
-    hit = _APPLIED.get(model)
-    if hit is not None:
-        return hit
-    for m in model.modules():
-        hit = _OWNED.get(m) or _APPLIED.get(m)
-        if hit is not None:
-            return hit
-    return None
+from .errors import AlreadyAppliedError, ConfigError, IncompatibleStrategyError, NotAppliedError, UnsupportedModelError
 
 
 def _model_type(model: nn.Module) -> str | None:

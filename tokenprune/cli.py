@@ -19,18 +19,10 @@ import json
 import sys
 from typing import Any
 
+from tokenprune.config import parse_value
 from tokenprune.runner import DEFAULT_IMAGE, DEFAULT_MODEL
 
 DEFAULT_QUESTION = "what color is the cross"
-
-
-def _value(text: str) -> Any:
-    for conv in (int, float):
-        try:
-            return conv(text)
-        except ValueError:
-            pass
-    return {"true": True, "false": False, "none": None}.get(text.lower(), text)
 
 
 def _params(items: list[str]) -> dict[str, Any]:
@@ -39,7 +31,7 @@ def _params(items: list[str]) -> dict[str, Any]:
         if "=" not in item:
             raise SystemExit(f"error: --param expects key=value, got {item!r}")
         k, v = item.split("=", 1)
-        out[k] = _value(v)
+        out[k] = parse_value(v)
     return out
 
 
@@ -85,7 +77,8 @@ def cmd_run(a: argparse.Namespace) -> int:
         res = runner.run(open_image(a.image or DEFAULT_IMAGE), a.prompt, strategy, a.max_new_tokens, **params)
     report = {"model": runner.name, **res.as_dict()}
     if a.overlay:
-        res.overlay.save(a.overlay)  # type: ignore[union-attr]
+        assert res.overlay is not None
+        res.overlay.save(a.overlay)
         report["overlay"] = str(a.overlay)
     print(json.dumps(report, indent=None if a.compact else 2))
     return 0

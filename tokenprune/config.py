@@ -68,6 +68,7 @@ class PruneConfig:
                     f"use a budget in [1, {n_tokens}]"
                 )
             return self.budget
+        assert self.keep is not None
         return max(1, min(n_tokens, round(float(self.keep) * n_tokens)))
 
     @classmethod
@@ -83,6 +84,17 @@ class PruneConfig:
                 f"unknown parameter(s) {unknown} for strategy {cls.name!r}; known: {known}"
             )
         return cls(**params)
+
+
+def parse_value(text: str) -> Any:
+    """A strategy parameter typed as text (CLI ``--param``, the demo's box): int, float, bool,
+    None, else the string."""
+    for conv in (int, float):
+        try:
+            return conv(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False, "none": None}.get(text.lower(), text)
 
 
 def _plain_number(value: Any) -> Any:

@@ -14,8 +14,9 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from .errors import TokenPruneError
 from .api import strategies_for
+from .config import parse_value
+from .errors import TokenPruneError
 from .runner import ASSETS, Runner
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -23,8 +24,6 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 def parse_params(text: str) -> dict[str, Any]:
     """``"alpha=0.2, mode=row"`` -> ``{"alpha": 0.2, "mode": "row"}`` (ValueError on bad syntax)."""
-    from .cli import _value
-
     out: dict[str, Any] = {}
     for item in (text or "").replace(";", ",").split(","):
         item = item.strip()
@@ -33,7 +32,7 @@ def parse_params(text: str) -> dict[str, Any]:
         if "=" not in item:
             raise ValueError(f"strategy parameters are key=value pairs separated by commas; got {item!r}")
         k, v = item.split("=", 1)
-        out[k.strip()] = _value(v.strip())
+        out[k.strip()] = parse_value(v.strip())
     return out
 
 

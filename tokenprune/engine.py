@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextvars
 import copy
+import logging
 import threading
 import time
 import warnings
@@ -31,14 +32,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import _handles
 from .config import PruneConfig
 from .errors import ConfigError, TokenPruneError, TokenPruneWarning, UnsupportedCallError, UnsupportedModelError
 from .family import Family, ImageLayout, Unit
-from .inner import InnerLLMStage
+from .inner import InnerStage
 from .sequence import cache_of, left_packed_index, padding_mask, seq_len, split_budget, take, take_positions
 from .state import CallState, Continuation, Encoded, ImageSel, LabelsCall, PruneRecord, Span, VisionCall
 from .stats import PruneStats, layer_flops
 from .strategies.base import Selection, StrategySpec, VisualTokens
+
+log = logging.getLogger("tokenprune")
 
 #: encodings kept waiting for their forward call (bounds memory if a user encodes and never calls)
 MAX_PENDING = 8
@@ -70,8 +74,11 @@ def _first_equal(items: list[torch.Tensor]) -> list[int]:
 def _rebase(lay: ImageLayout, sp: Span, length: int) -> ImageLayout:
     """``lay`` (laid out for an equal run elsewhere) moved onto placeholder run ``sp``."""
     flat = sp.row * length + sp.cols
-    units = [Unit(rows=flat[u.span_pos.to(flat.device)].to(u.rows.device), grid=u.grid, scores=u.scores,
-                  frames=u.frames, span_pos=u.span_pos, weight=u.weight) for u in lay.units]
+    units = []
+    for u in lay.units:
+        assert u.span_pos is not None, "only layouts whose units give span_pos can be moved"
+        units.append(Unit(rows=flat[u.span_pos.to(flat.device)].to(u.rows.device), grid=u.grid, scores=u.scores,
+                          frames=u.frames, span_pos=u.span_pos, weight=u.weight))
     return ImageLayout(prefix=lay.prefix, units=units, fixed=lay.fixed, length=lay.length)
 
 
@@ -79,7 +86,7 @@ def _rebase(lay: ImageLayout, sp: Span, length: int) -> ImageLayout:
 # handle
 # ----------------------------------------------------------------------------------------------
 
-class PruneHandle(InnerLLMStage):
+class PruneHandle:
     """A strategy installed on one model. ``last_stats``, ``remove()``, context manager.
 
     At most one vision-stage strategy (``vspec``: selects before the LLM) and one inner-LLM
@@ -90,7 +97,7 @@ class PruneHandle(InnerLLMStage):
     def __init__(self, model: nn.Module, family: Family, spec: StrategySpec, config: PruneConfig,
                  inner: tuple[StrategySpec, PruneConfig] | None = None,
                  inner_modalities: frozenset[str] | None = None) -> None:
-        self.model = model
+        self.model: Any = model
         self.family = family
         self.spec = spec
         self.config = config
@@ -103,8 +110,10 @@ class PruneHandle(InnerLLMStage):
             spec_v = (spec, config)
         if inner is not None and inner[0].stage != "llm":
             raise ConfigError(f"the inner strategy must act inside the LLM; {inner[0].name} acts before it")
-        self.vspec, self.vconfig = spec_v if spec_v else (None, None)
-        self.lspec, self.lconfig = inner if inner else (None, None)
+        self.vspec: StrategySpec[Any] | None = spec_v[0] if spec_v else None
+        self.vconfig: Any = spec_v[1] if spec_v else None
+        self.lspec: StrategySpec[Any] | None = inner[0] if inner else None
+        self.lconfig: Any = inner[1] if inner else None
         self.inner_modalities = inner_modalities
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._fresh_state()
@@ -114,13 +123,17 @@ class PruneHandle(InnerLLMStage):
         self._prefix = family.num_prefix
         if family.tokens_per_image is not None:   # fixed grid: check the budget now
             config.tokens_for(family.tokens_per_image)
-        self.requests = self.vspec.requests(self.vconfig, info) if self.vspec else []
-        self.llm_layer = self.lspec.llm_layer(self.lconfig, family.llm_info) if self.lspec else None
+        self.requests = (self.vspec.requests(self.vconfig, info)
+                         if self.vspec is not None and self.vspec.requests is not None else [])
+        self.llm_layer: int | None = (self.lspec.llm_layer(self.lconfig, family.llm_info)
+                                      if self.lspec is not None and self.lspec.llm_layer is not None else None)
         #: layers whose attention rows are materialised (vision layers, and LLM layer K-1)
         self.scored_layers: list[tuple[str, int]] = sorted({("vision", r.layer) for r in self.requests})
         if self.llm_layer is not None:
             self.scored_layers.append(("llm", self.llm_layer - 1))
         self.modules: list[nn.Module] = []   #: what the install hooks (set by :meth:`preflight`)
+        #: the inner-LLM stage (its hooks are installed only with an inner strategy)
+        self.inner_stage = InnerStage(self)
 
     def _fresh_state(self) -> None:
         """Per-handle containers that are never shared with a copy (context variables, locks,
@@ -139,6 +152,12 @@ class PruneHandle(InnerLLMStage):
         self._records: "weakref.WeakKeyDictionary[Any, PruneRecord]" = weakref.WeakKeyDictionary()
 
     @property
+    def vs(self) -> StrategySpec[Any]:
+        """The vision-stage spec (only called on the vision path, where there is one)."""
+        assert self.vspec is not None
+        return self.vspec
+
+    @property
     def last_stats(self) -> PruneStats | None:
         """Stats of the calling thread's last forward / generate call with visual tokens (None
         before the first); another thread's calls never show here."""
@@ -148,8 +167,6 @@ class PruneHandle(InnerLLMStage):
         """``copy.deepcopy(model)`` copies the hooks and so this handle: the copy is patched with a
         handle of its own (``tokenprune.get_handle(copy)``), bound to the copied modules; it starts
         with no stats, records or encodings. Specs and configs are immutable and shared."""
-        from . import api  # late import: api owns the model -> handle table
-
         new = self.__class__.__new__(self.__class__)
         memo[id(self)] = new
         shared = {"spec", "config", "vspec", "vconfig", "lspec", "lconfig", "requests"}
@@ -160,7 +177,7 @@ class PruneHandle(InnerLLMStage):
             new.__dict__[key] = value if key in shared else copy.deepcopy(value, memo)
         new._fresh_state()
         if not new._removed:
-            api._adopt(new)
+            _handles.adopt(new)
         return new
 
     # -- install / remove ------------------------------------------------------------------------
@@ -177,6 +194,7 @@ class PruneHandle(InnerLLMStage):
                 mods += fam.vision_capture_modules(layer)
         if self.lspec is not None:
             k = self.llm_layer
+            assert k is not None
             la = fam.llm_attention(k - 1)
             mods += [la.q_source, la.k_source, la.module, *fam.decoder_layers[k:]]
         return mods
@@ -204,6 +222,11 @@ class PruneHandle(InnerLLMStage):
         error is raised as a :class:`TokenPruneError`."""
         try:
             self._install()
+            if log.isEnabledFor(logging.DEBUG):
+                names = {id(m): n for n, m in self.model.named_modules()}
+                log.debug("installed %s on %s (family %s): %d hooks on %s; scored layers %s", self.spec.name,
+                          type(self.model).__name__, self.family.name, len(self._hooks),
+                          sorted({names.get(id(m), type(m).__name__) for m in self.modules}), self.scored_layers)
         except Exception as e:
             for h in self._hooks:
                 h.remove()
@@ -242,24 +265,24 @@ class PruneHandle(InnerLLMStage):
                 self._add(sel.register_forward_hook(self._selection_post))
         if self.lspec is not None:
             k = self.llm_layer
+            assert k is not None
             la = fam.llm_attention(k - 1)
-            self._add(la.q_source.register_forward_hook(partial(self._capture, k - 1, "q")))
-            self._add(la.k_source.register_forward_hook(partial(self._capture, k - 1, "k")))
-            self._add(la.module.register_forward_pre_hook(self._llm_attn_pre, with_kwargs=True))
-            self._add(la.module.register_forward_hook(partial(self._llm_attn_post, la)))
+            stage = self.inner_stage
+            self._add(la.q_source.register_forward_hook(partial(stage.capture, k - 1, "q")))
+            self._add(la.k_source.register_forward_hook(partial(stage.capture, k - 1, "k")))
+            self._add(la.module.register_forward_pre_hook(stage.attn_pre, with_kwargs=True))
+            self._add(la.module.register_forward_hook(partial(stage.attn_post, la)))
             for layer in fam.decoder_layers[k:]:
-                self._add(layer.register_forward_pre_hook(self._layer_pre, with_kwargs=True))
+                self._add(layer.register_forward_pre_hook(stage.layer_pre, with_kwargs=True))
 
     def remove(self) -> None:
         """Remove every hook; the model is exactly as before ``apply``."""
-        from . import api  # late import: api owns the model -> handle table
-
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
         self._fresh_state()
         self._removed = True
-        api._forget(self.model, self)
+        _handles.forget(self.model, self)
 
     @property
     def active(self) -> bool:
@@ -282,13 +305,13 @@ class PruneHandle(InnerLLMStage):
         if labels is None:
             self._labels.set(None)
             return None
-        extra = {k: kwargs[k] for k in ("num_items_in_batch", "ignore_index") if k in kwargs}
+        extra: dict[str, Any] = {k: kwargs[k] for k in ("num_items_in_batch", "ignore_index") if k in kwargs}
         self._labels.set(LabelsCall(labels=labels, extra=extra))
         new = dict(kwargs)
         new["labels"] = None
         return args, new
 
-    def _top_post(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
+    def _top_post(self, module: Any, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
         lc = self._labels.get()
         self._labels.set(None)
         if lc is None or getattr(output, "logits", None) is None:
@@ -336,6 +359,7 @@ class PruneHandle(InnerLLMStage):
             counts = fam.placeholder_counts(args, kwargs)
             if counts is None:
                 n = fam.tokens_per_image
+                assert n is not None, "a family with images of any size must give placeholder_counts"
                 per_row = masks["image"].sum(dim=1)
                 if bool((per_row % n != 0).any()):
                     raise UnsupportedCallError(
@@ -348,7 +372,7 @@ class PruneHandle(InnerLLMStage):
             state.images = [sp.row for sp in state.spans]
             state.vision_segments = fam.vision_segments(args, kwargs, counts)
             state.stats = PruneStats(strategy=self.spec.name if self.lspec is None or self.vspec is None
-                                     else f"{self.vspec.name}+{self.lspec.name}")
+                                     else f"{self.vs.name}+{self.lspec.name}")
             state.encoded_mark = self._seq
             for m, key in fam.pixel_keys.items():
                 if m not in masks:
@@ -481,13 +505,6 @@ class PruneHandle(InnerLLMStage):
         return spans
 
     # -- attention capture --------------------------------------------------------------------
-    def _capture(self, layer: int, which: str, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        """LLM layer K-1's q / k projection outputs (inner-LLM strategies, prefill only)."""
-        target = self._state.get()
-        if target is None or target.fastv is None or "idx" in target.fastv:
-            return
-        target.qk.setdefault(layer, {})[which] = output
-
     def _scratch(self) -> dict[Any, Any] | None:
         state = self._vision.get()
         return None if state is None else state.scratch
@@ -544,6 +561,7 @@ class PruneHandle(InnerLLMStage):
 
     def _remember(self, state: VisionCall, output: torch.Tensor) -> None:
         t0 = time.perf_counter()
+        assert state.layouts is not None and state.images is not None
         outputs = self.family.image_outputs(output, state.layouts, state.meta)
         state.seconds += time.perf_counter() - t0
         encoded = self._encoded()
@@ -557,7 +575,7 @@ class PruneHandle(InnerLLMStage):
         """Select in every unit of every image of one pass; returns the tensor with merged
         features written in (None when no strategy merged)."""
         t0 = time.perf_counter()
-        flat, layouts = self.family.vision_layout(x, state.scores, state.meta, per_frame=self.vspec.unit == "frame")
+        flat, layouts = self.family.vision_layout(x, state.scores, state.meta, per_frame=self.vs.unit == "frame")
         state.scores.clear()
         state.images, merged = self._select_layouts(flat, layouts)
         state.layouts = layouts
@@ -581,7 +599,7 @@ class PruneHandle(InnerLLMStage):
         merged = None
         for (u, n_keep), sel in zip(units, sels):
             if sel.indices.numel() != n_keep:
-                raise RuntimeError(f"strategy {self.vspec.name} kept {sel.indices.numel()} tokens, "
+                raise RuntimeError(f"strategy {self.vs.name} kept {sel.indices.numel()} tokens, "
                                    f"budget is {n_keep}")
             if sel.features is not None:
                 if merged is None:
@@ -594,7 +612,7 @@ class PruneHandle(InnerLLMStage):
         """One strategy call per unit, or one batched call per group of same-shaped units."""
         info = self.family.vision_info
         out: list[Selection | None] = [None] * len(units)
-        spec, cfg = self.vspec, self.vconfig
+        spec, cfg = self.vs, self.vconfig
         if spec.select_batch is not None:
             groups: dict[tuple, list[int]] = {}
             for i, (u, n_keep) in enumerate(units):
@@ -617,7 +635,8 @@ class PruneHandle(InnerLLMStage):
                     out[i] = Selection(torch.zeros(0, dtype=torch.long, device=flat.device))
                     continue
                 tokens = VisualTokens(grid=u.grid, features=flat[u.rows], scores=u.scores, frames=u.frames)
-                out[i] = spec.select(cfg, tokens, n_keep, info)  # type: ignore[misc]
+                assert spec.select is not None
+                out[i] = spec.select(cfg, tokens, n_keep, info)
         return out  # type: ignore[return-value]
 
     @staticmethod
@@ -670,7 +689,7 @@ class PruneHandle(InnerLLMStage):
             raws[m] = [e.raw]
             state.seconds += e.seconds
         b, length, d = embeds.shape
-        per_frame = self.vspec.unit == "frame"
+        per_frame = self.vs.unit == "frame"
         layouts: list[ImageLayout] = []
         for m in fam.pixel_keys:
             spans = [sp for sp in state.spans if sp.modality == m]
@@ -688,7 +707,7 @@ class PruneHandle(InnerLLMStage):
                            for j, i in enumerate(first))
         images, merged = self._select_layouts(embeds.reshape(b * length, d), layouts)
         for i, sp in enumerate(state.spans):
-            if sp.modality == "image" and self.vspec.images == "keep":   # a video method: images pass whole
+            if sp.modality == "image" and self.vs.images == "keep":   # a video method: images pass whole
                 images[i] = ImageSel(keep=torch.ones_like(images[i].keep))
         state.seconds += time.perf_counter() - t0
         return images, (embeds if merged is None else merged.reshape(b, length, d))
@@ -735,7 +754,7 @@ class PruneHandle(InnerLLMStage):
                 if im.keep.numel() != sp.cols.numel():
                     raise UnsupportedCallError(
                         f"an encoded {m} has {im.keep.numel()} tokens but its placeholder run has {sp.cols.numel()}")
-            if m == "image" and self.vspec.images == "keep":   # a video method: images pass unchanged
+            if m == "image" and self.vs.images == "keep":   # a video method: images pass unchanged
                 got = [ImageSel(keep=torch.ones_like(im.keep)) for im in got]
             out.extend(got)
         return out
@@ -758,11 +777,12 @@ class PruneHandle(InnerLLMStage):
             raise UnsupportedCallError("the language model did not receive inputs_embeds of the prompt's shape")
         state.full_len = state.visual.shape[1]
         if self.vspec is None:
-            return self._start_inner(state, kwargs, cache)
+            self.inner_stage.start(state, kwargs, cache)
+            return None
         new = self._prune_inputs(state, kwargs)
         if self.lspec is not None:
-            self._follow_input_pruning(state)
-            self._start_inner(state, new, cache)
+            self.inner_stage.follow_input_pruning(state)
+            self.inner_stage.start(state, new, cache)
         return args, new
 
     def _lm_post(self, module: nn.Module, args: tuple, output: Any) -> None:
@@ -779,11 +799,18 @@ class PruneHandle(InnerLLMStage):
         if state.stats is not None and state.stats.visual_tokens_in:
             state.stats.prune_ms = state.seconds * 1000.0
             self._local.stats = state.stats
+            if log.isEnabledFor(logging.DEBUG):
+                st = state.stats
+                log.debug("%s kept %s of %s visual tokens per row%s in %.2f ms; kept indices %s", st.strategy,
+                          st.visual_tokens_kept, st.visual_tokens_in,
+                          f" (then {st.inner_tokens_kept} from layer {self.llm_layer})" if st.inner_tokens_kept else "",
+                          st.prune_ms, [[k.tolist() for k in row] for row in st.kept_indices])
             state.stats = None
 
     def _prune_inputs(self, state: CallState, kwargs: dict[str, Any]) -> dict[str, Any]:
         t0 = time.perf_counter()
         visual = state.visual
+        assert visual is not None
         embeds = kwargs["inputs_embeds"]
         b, length = visual.shape
         if self.family.select_at_lm:
@@ -851,6 +878,7 @@ class PruneHandle(InnerLLMStage):
             # a static cache's 4D masks (made by generate for unpruned slots): rebuild the 2D mask
             # from the prefill's padding and the tokens since, and let the model make its own
             n_after = past - n_new + q
+            assert rec.pad2d is not None
             mask = torch.cat([rec.pad2d.to(rec.idx.device),
                               torch.ones(b, n_after, dtype=rec.pad2d.dtype, device=rec.idx.device)], 1)
         if mask is not None:
@@ -864,6 +892,7 @@ class PruneHandle(InnerLLMStage):
             offset = 0 if rec.compact else rec.full_len - n_new
             new["position_ids"] = (torch.arange(q, device=rec.idx.device) + past + offset)[None].expand(b, q)
         elif rec.compact == caller_positions:
+            assert rec.dropped is not None
             d = rec.dropped.to(pos.device)
             d = d[:, None] if pos.dim() == 2 else d[None, :, None]
             new["position_ids"] = pos - d if rec.compact else pos + d
@@ -872,8 +901,8 @@ class PruneHandle(InnerLLMStage):
     # -- statistics -------------------------------------------------------------------------
     def _fill_stats(self, state: CallState, keep: torch.Tensor, b: int) -> None:
         st = state.stats
-        assert st is not None
         visual = state.visual
+        assert st is not None and visual is not None
         st.visual_tokens_in = visual.sum(1).tolist()
         st.visual_tokens_kept = (visual & keep).sum(1).tolist()
         st.kept_indices = [[] for _ in range(b)]
@@ -886,6 +915,7 @@ class PruneHandle(InnerLLMStage):
     def _fill_flops(self, state: CallState, length: int, kept_len: int, b: int,
                     split_layer: int | None = None) -> None:
         st = state.stats
+        assert st is not None
         vd, v_layers, _ = self.family.vision_dims()
         ld, l_layers = self.family.llm_dims()
         vision = v_layers * sum(layer_flops(n, vd, causal=False) for n in state.vision_segments)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Callable, ClassVar, Sequence
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import nn
@@ -96,15 +96,17 @@ class Family:
     name: ClassVar[str] = ""
     model_types: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
+    def __init__(self, model: Any) -> None:
+        #: the model (a transformers ``PreTrainedModel``: its submodules and config are reached by
+        #: attribute, so it is held as ``Any``)
+        self.model: Any = model
 
     # --- modules ---------------------------------------------------------------------------
-    outer: nn.Module            #: receives input_ids / pixel_values (e.g. ``model.model``)
-    vision_tower: nn.Module     #: one call encodes all images of a request
-    projector: nn.Module        #: input = per-image vision features [n_img, N, D]
-    language_model: nn.Module   #: receives inputs_embeds with image features scattered in
-    decoder_layers: Sequence[nn.Module]
+    outer: Any                  #: receives input_ids / pixel_values (e.g. ``model.model``)
+    vision_tower: Any           #: one call encodes all images of a request
+    projector: Any              #: input = per-image vision features [n_img, N, D]
+    language_model: Any         #: receives inputs_embeds with image features scattered in
+    decoder_layers: Any         #: the LLM's decoder layers (an ``nn.ModuleList``)
 
     # --- facts -----------------------------------------------------------------------------
     provides: frozenset[str]
@@ -259,6 +261,30 @@ class Family:
     def vision_dims(self) -> tuple[LayerDims, int, int]:
         """(dims, layers run, tokens per encoder pass incl. CLS)."""
         raise NotImplementedError
+
+    # --- presentation (CLI, demo): the family's geometry, so no caller branches on its name ----
+    def video_processor_kwargs(self, video: Any) -> dict[str, Any]:
+        """Extra processor keywords for a video input ((T, H, W, 3) frames); none by default."""
+        return {}
+
+    def image_overlay(self, image: Any, kept: torch.Tensor | None, merge_groups: torch.Tensor | None,
+                      processor: Any, inputs: dict[str, Any]) -> Any:
+        """The first image's kept tokens drawn on it (PIL in, PIL out); ``kept`` None: unpruned.
+
+        Default: a fixed grid after the processor's resize / crop (LLaVA-1.5); a kept CLS
+        placeholder has no box."""
+        from .visualize import llava_boxes, overlay
+
+        boxes = llava_boxes(image.size, self.vision_info.grid, processor.image_processor)
+        if kept is None:
+            return overlay(image, torch.arange(boxes.shape[0]), boxes, outline=False)
+        p = self.num_prefix
+        return overlay(image, kept[kept >= p] - p, boxes, merge_groups)
+
+    def video_overlay(self, frames: list[Any], kept: torch.Tensor | None, n_tokens: int, processor: Any,
+                      inputs: dict[str, Any]) -> Any:
+        """The video's kept tokens on its frames (one panel per token frame)."""
+        raise NotImplementedError(f"{self.name} takes no video input")
 
     def llm_dims(self) -> tuple[LayerDims, int]:
         raise NotImplementedError

@@ -15,7 +15,6 @@ from PIL import Image
 
 from . import api
 from .errors import ConfigError, TokenPruneError
-from .visualize import anyres_overlay, merged_patch_boxes, overlay, token_boxes, uniform_boxes, video_overlay
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DEFAULT_MODEL = ASSETS / "tiny-llava-vqa"
@@ -151,6 +150,8 @@ def open_video(path: str | Path, frames: int = VIDEO_FRAMES) -> Any:
         raise
     except Exception as e:
         raise ConfigError(f"cannot read {path} as a video ({type(e).__name__}: {e})") from None
+    if arr is None:
+        raise ConfigError(f"cannot read {path} as a video")
     if arr.ndim != 4 or arr.shape[-1] != 3 or arr.shape[0] < 1:
         raise ConfigError(f"{path}: expected frames of shape (T, H, W, 3), got {tuple(arr.shape)}")
     idx = np.linspace(0, arr.shape[0] - 1, num=min(frames, arr.shape[0])).round().astype(int)
@@ -184,9 +185,7 @@ class Runner:
         if "video" not in self.family.provides:
             raise ConfigError(f"{self.family.name} models take no video input; use a LLaVA-OneVision or "
                               "Qwen-VL checkpoint")
-        kw: dict[str, Any] = {}
-        if self.family.name == "qwen3_vl":   # its processor places timestamps: say the sampling rate
-            kw["videos_kwargs"] = {"video_metadata": [{"fps": 2.0, "total_num_frames": int(video.shape[0])}]}
+        kw = self.family.video_processor_kwargs(video)
         enc = self.processor(videos=[video], text=user_prompt(self.processor, question, 0, 1), return_tensors="pt",
                              **kw)
         return to_model(enc, self.model, self.device)
@@ -224,39 +223,21 @@ class Runner:
             res.prune_ms, res.flops_ratio = stats.prune_ms, stats.flops_after / stats.flops_before
             res.kept_indices = list(stats.kept_indices[0])
             res.merge_groups = list(stats.merge_groups[0]) if stats.merge_groups else [None] * len(res.kept_indices)
-        res.overlay = self.overlay(image, res, inputs) if video is None else self.video_overlay(video, res, inputs)
+        if video is None:
+            assert image is not None
+            res.overlay = self.overlay(image, res, inputs)
+        else:
+            res.overlay = self.video_overlay(video, res, inputs)
         return res
 
     def overlay(self, image: Image.Image, res: RunResult, inputs: dict[str, torch.Tensor] | None = None) -> Image.Image:
-        """Kept tokens of the (first) image on the original image."""
-        if hasattr(self.family, "run_layout") and inputs is not None:      # anyres: base + canvas panels
-            side, rows, cols = self.family.run_layout({k: v.cpu() for k, v in inputs.items()})[0]
-            n = side * side + rows * (cols + 1) if rows else side * side + 1
-            kept = res.kept_indices[0] if res.kept_indices else torch.arange(n)
-            return anyres_overlay(image, kept, side, rows, cols, res.merge_groups[0] if res.merge_groups else None)
-        boxes = token_boxes(self.family.name, image.size, self.processor.image_processor,
-                            self.family.vision_info.grid, inputs)
-        if not res.kept_indices:                       # unpruned: everything kept
-            return overlay(image, torch.arange(boxes.shape[0]), boxes, outline=False)
-        p = self.family.num_prefix
-        kept = res.kept_indices[0]
-        kept = kept[kept >= p] - p                     # grid tokens only (a kept CLS has no box)
-        return overlay(image, kept, boxes, res.merge_groups[0] if res.merge_groups else None)
+        """Kept tokens of the (first) image on the original image (the family draws its geometry)."""
+        kept = res.kept_indices[0] if res.kept_indices else None
+        groups = res.merge_groups[0] if res.merge_groups else None
+        return self.family.image_overlay(image, kept, groups, self.processor, inputs or {})
 
     def video_overlay(self, video: Any, res: RunResult, inputs: dict[str, torch.Tensor]) -> Image.Image:
         """Kept tokens of the video on its frames (one panel per token frame)."""
         frames = [Image.fromarray(f) for f in video]
-        size = frames[0].size
-        if self.family.name.startswith("qwen"):
-            _, gh, gw = (int(x) for x in inputs["video_grid_thw"][0].tolist())
-            vp = self.processor.video_processor
-            patch, merge = int(vp.patch_size), int(vp.merge_size)
-            per_frame, step = (gh // merge) * (gw // merge), int(getattr(vp, "temporal_patch_size", 2))
-            boxes = merged_patch_boxes(size, (gh * patch, gw * patch), patch, merge)
-        else:                                       # OneVision: pooled grid per frame, newline last
-            g = -(-self.family.side // 2)
-            per_frame, step = g * g, 1
-            boxes = uniform_boxes(size, g, g)
-        n_tok = res.tokens_in
-        kept = res.kept_indices[0] if res.kept_indices else torch.arange(n_tok)
-        return video_overlay(frames[: (n_tok // per_frame) * step], kept, per_frame, boxes, step)
+        kept = res.kept_indices[0] if res.kept_indices else None
+        return self.family.video_overlay(frames, kept, res.tokens_in, self.processor, inputs)

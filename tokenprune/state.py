@@ -96,6 +96,24 @@ class Continuation:
 
 
 @dataclass
+class InnerPass:
+    """One prefill's inner-LLM stage: what the scoring at layer K-1 needs, then what it chose."""
+
+    valid: torch.Tensor                    # [B, L] real (non-padding) tokens at the LLM input
+    last: torch.Tensor                     # [B] the last real token of each row (the scoring query)
+    length: int                            # L
+    fixed: list[torch.Tensor]              # per placeholder run: layout positions (kept, not counted)
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None   # layer K-1's (cos, sin)
+    keep: torch.Tensor | None = None       # [B, L] chosen: kept tokens
+    idx: torch.Tensor | None = None        # [B, L_K] chosen: gather index at layer K
+    ghost: torch.Tensor | None = None      # [B, L_K] chosen: tokens that only pad a row
+
+    @property
+    def chosen(self) -> bool:
+        return self.idx is not None
+
+
+@dataclass
 class CallState:
     visual: torch.Tensor | None = None                     # [B, L] placeholder mask (all modalities)
     spans: list[Span] = field(default_factory=list)        # images then videos, encoder order
@@ -111,7 +129,7 @@ class CallState:
     stats: PruneStats | None = None
     pending: PruneRecord | None = None
     record: PruneRecord | None = None       # the record layers must follow in this call
-    fastv: dict[str, Any] | None = None
+    inner: InnerPass | None = None             # the inner-LLM stage's progress in this call
     continuation: Continuation | None = None   # uncached step of a generation: reuse its selection
     uncached: bool = False                     # no KV cache in this call
     ids: torch.Tensor | None = None            # [B, L] the call's input ids (before any pruning)

@@ -39,12 +39,12 @@ def llava_boxes(image_size: tuple[int, int], grid: tuple[int, int], processor: A
     gh, gw = grid
     kind, a, b = _size_of(processor)
     if kind == "squash":
-        sx, sy, ox, oy, side_x, side_y = w0 / b, h0 / a, 0.0, 0.0, b, a
+        sx, sy, ox, oy, side_x, side_y = w0 / b, h0 / a, 0.0, 0.0, float(b), float(a)
     else:
         scale = a / min(w0, h0)                           # resized = original * scale
         rw, rh = w0 * scale, h0 * scale
-        cw = ch = b if b > 0 else None
-        cw, ch = (cw or rw), (ch or rh)
+        crop = float(b) if b > 0 else None
+        cw, ch = (crop or rw), (crop or rh)
         ox, oy = (rw - cw) / 2, (rh - ch) / 2              # crop offset in resized coordinates
         sx = sy = 1 / scale
         side_x, side_y = cw, ch
@@ -71,23 +71,6 @@ def merged_patch_boxes(image_size: tuple[int, int], resized: tuple[int, int], pa
     x0, x1 = xs[:-1][None].expand(gh, gw), xs[1:][None].expand(gh, gw)
     y0, y1 = ys[:-1][:, None].expand(gh, gw), ys[1:][:, None].expand(gh, gw)
     return torch.stack([x0, y0, x1, y1], dim=-1).reshape(-1, 4)
-
-
-def token_boxes(family: str, image_size: tuple[int, int], image_processor: Any, grid: tuple[int, int],
-                inputs: dict[str, Any] | None = None) -> torch.Tensor:
-    """Boxes [N, 4] of the first image's tokens for a family (by name), in original-image coordinates.
-
-    LLaVA-1.5: the fixed ``grid`` after the processor's resize/crop. Qwen: the resized size from
-    ``inputs["image_grid_thw"]`` (patches) and the processor's patch / merge sizes."""
-    if family.startswith("llava_"):
-        raise ValueError("LLaVA-NeXT / OneVision runs are drawn with anyres_overlay (two panels)")
-    if family.startswith("qwen"):
-        if inputs is None or inputs.get("image_grid_thw") is None:
-            raise ValueError("Qwen token boxes need the processor's image_grid_thw")
-        _, gh, gw = (int(x) for x in inputs["image_grid_thw"][0].tolist())
-        patch, merge = int(image_processor.patch_size), int(image_processor.merge_size)
-        return merged_patch_boxes(image_size, (gh * patch, gw * patch), patch, merge)
-    return llava_boxes(image_size, grid, image_processor)
 
 
 def uniform_boxes(image_size: tuple[int, int], rows: int, cols: int) -> torch.Tensor:
@@ -123,7 +106,11 @@ def anyres_overlay(image: Image.Image, kept: torch.Tensor, side: int, rows: int,
 
 
 def _palette(n: int) -> list[tuple[int, int, int]]:
-    return [tuple(int(255 * c) for c in colorsys.hsv_to_rgb((i * 0.618034) % 1, 0.75, 1.0)) for i in range(n)]
+    out = []
+    for i in range(n):
+        r, g, b = colorsys.hsv_to_rgb((i * 0.618034) % 1, 0.75, 1.0)
+        out.append((int(255 * r), int(255 * g), int(255 * b)))
+    return out
 
 
 def overlay(image: Image.Image, kept: torch.Tensor | Sequence[int], boxes: torch.Tensor,

@@ -337,7 +337,7 @@ class Bench:
                 spec, cfg = h.spec, h.config
             finally:
                 h.remove()
-            official = self.t(lambda: official_select(family, eager, spec, cfg, budget, px))
+            official = self.t(lambda spec=spec, cfg=cfg: official_select(family, eager, spec, cfg, budget, px))
             ref_kept, _ = official_select(family, eager, spec, cfg, budget, px)
             agree = sum(len(set(a.tolist()) & set(r.tolist())) for a, r in zip(ours_kept, ref_kept))
             self.vision_rows.append({

@@ -39,8 +39,8 @@ from tokenprune.runner import user_prompt
 
 from ..results_io import save_results
 from ..tiny import ov_pooled_side
-from .clips import FRAMES, ClipSample, clip_split, render_clips
 from . import paired
+from .clips import FRAMES, ClipSample, clip_split, render_clips
 from .fidelity import accuracy_plot, by_type, control_run, paired_section, summary, table
 
 KEEPS = (1.0, 0.5, 0.333, 0.222, 0.111, 0.056)

@@ -31,8 +31,8 @@ import torch
 from ..tiny import IMAGE_TOKEN
 from .model import CLIP_MEAN, CLIP_STD
 from .model import build_tokenizer as image_tokenizer
-from .train_video import SIGLIP_MEAN, SIGLIP_STD, video_config
-from .train_video import build_tokenizer as video_tokenizer
+from .video_model import SIGLIP_MEAN, SIGLIP_STD, video_config
+from .video_model import build_tokenizer as video_tokenizer
 
 TOWER = "model.vision_tower."
 LLM = "model.language_model."

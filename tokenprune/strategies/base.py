@@ -8,7 +8,7 @@ requests it makes, and a ``select`` function from :class:`VisualTokens` to a :cl
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Any, Callable, Generic, Literal, TypeVar
 
 import torch
 
@@ -80,26 +80,31 @@ class Selection:
     groups: torch.Tensor | None = None
 
 
+C = TypeVar("C", bound=PruneConfig)
+
+
 @dataclass(frozen=True)
-class StrategySpec:
+class StrategySpec(Generic[C]):
+    """A strategy: generic over its config class ``C`` (every function receives a ``C``)."""
+
     name: str
-    config_cls: type[PruneConfig]
+    config_cls: type[C]
     stage: Literal["vision", "llm"]
     needs: frozenset[str]
     #: vision stage: score requests for a config and encoder
-    requests: Callable[[PruneConfig, VisionInfo], list[ScoreRequest]] | None = None
+    requests: Callable[[C, VisionInfo], list[ScoreRequest]] | None = None
     #: vision stage: (config, tokens, n_keep, info) -> Selection
-    select: Callable[[PruneConfig, VisualTokens, int, VisionInfo], Selection] | None = None
+    select: Callable[[C, VisualTokens, int, VisionInfo], Selection] | None = None
     #: vision stage, optional: the same selection for a batch of images at once (VisualTokens
     #: with [B, ...] tensors -> one Selection per image); avoids a Python loop and host syncs per image
-    select_batch: Callable[[PruneConfig, VisualTokens, int, VisionInfo], list[Selection] | None] | None = None
+    select_batch: Callable[[C, VisualTokens, int, VisionInfo], list[Selection] | None] | None = None
     #: llm stage: decoder layer index K where tokens are dropped (scores from layer K-1)
-    llm_layer: Callable[[PruneConfig, LLMInfo], int] | None = None
+    llm_layer: Callable[[C, LLMInfo], int] | None = None
     #: llm stage: (config, last-query attention row over one image's tokens [N], n_keep) -> indices
-    select_llm: Callable[[PruneConfig, torch.Tensor, int], torch.Tensor] | None = None
+    select_llm: Callable[[C, torch.Tensor, int], torch.Tensor] | None = None
     #: llm stage, optional: (config, hidden [N, D] of one image's tokens at layer K, kept indices [n])
     #: -> [n, D] hidden states of the kept tokens with the dropped ones merged in (HoliTom's "M")
-    merge_llm: Callable[[PruneConfig, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    merge_llm: Callable[[C, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     #: "frame": select in every image / frame group on its own (budget split evenly over a
     #: video's frame groups); "video": one call per video with all its frames (``VisualTokens.frames``)
     unit: Literal["frame", "video"] = "frame"
@@ -107,7 +112,7 @@ class StrategySpec:
     images: Literal["select", "keep"] = "select"
     #: for a vision-stage method with its own inner-LLM stage (HoliTom's "M"): config ->
     #: (inner strategy name, its parameters), or None when switched off
-    inner: Callable[[PruneConfig], "tuple[str, dict] | None"] | None = None
+    inner: Callable[[C], "tuple[str, dict[str, Any]] | None"] | None = None
     paper: str = ""
 
 

@@ -245,6 +245,7 @@ def holitom_in_place(features: torch.Tensor, scores: torch.Tensor, n_keep: int, 
     vs = holitom_outer(features, scores, n_keep, tau, beta, k, max_window)
     flat = vs.frames * n_pos + vs.positions
     feats, groups = vs.features, vs.groups
+    assert groups is not None
     short = n_keep - flat.numel()
     if short > 0:
         free = torch.ones(total, dtype=torch.bool, device=features.device)
