@@ -114,6 +114,16 @@ def prompt_ids(n_image_tokens: int, *, n_images: int = 1, prefix: int = 3, suffi
     return torch.cat(parts)[None]
 
 
+def placeholder_batch(n: int, token_id: int, batch: int, text_tokens: int, vocab: int,
+                      pixel_shape: tuple[int, ...], pixel_key: str, seed: int = 1) -> dict[str, torch.Tensor]:
+    """``batch`` equal rows of text around ``n`` placeholders of ``token_id`` and random pixels
+    [batch, *pixel_shape] under ``pixel_key`` (the bench's LLaVA-style inputs)."""
+    ids = prompt_ids(n, prefix=text_tokens // 2, suffix=text_tokens - text_tokens // 2, image_token_id=token_id,
+                     vocab=min(vocab, 1024)).repeat(batch, 1)
+    px = torch.randn(batch, *pixel_shape, generator=torch.Generator().manual_seed(seed))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), pixel_key: px}
+
+
 def batch_prompts(prompts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad a list of [1, L_i] prompts -> (input_ids [B, L], attention_mask [B, L])."""
     length = max(p.shape[1] for p in prompts)

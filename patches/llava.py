@@ -55,6 +55,13 @@ class DecoderLLM:
         return dims, t.num_hidden_layers
 
 
+def clip_attention(layer: Any) -> VisionAttention:
+    """q/k sources of a CLIP / SigLIP encoder layer (``self_attn.q_proj`` / ``k_proj``)."""
+    attn = layer.self_attn
+    return VisionAttention(module=attn, q_source=attn.q_proj, k_source=attn.k_proj,
+                           num_heads=attn.num_heads, scale=attn.scale)
+
+
 def vision_encoder_layers(tower: nn.Module) -> nn.ModuleList:
     for path in ("encoder.layers", "vision_model.encoder.layers"):
         obj: Any = tower
@@ -108,9 +115,7 @@ class LlavaFamily(DecoderLLM, Family):
         self.provides = frozenset(provides)
 
     def vision_attention(self, layer: int) -> VisionAttention:
-        attn: Any = self._vision_layers[layer].self_attn
-        return VisionAttention(module=attn, q_source=attn.q_proj, k_source=attn.k_proj,
-                               num_heads=attn.num_heads, scale=attn.scale)
+        return clip_attention(self._vision_layers[layer])
 
     def vision_dims(self) -> tuple[LayerDims, int, int]:
         v = self.model.config.vision_config

@@ -262,6 +262,31 @@ class LlavaNextFamily(LlavaFamily):
     def _video_layouts(self, spans, embeds, scores, feats, per_frame):
         raise UnsupportedCallError(f"{self.name} has no video input")
 
+    def bench_inputs(self, batch: int, text_tokens: int, size: tuple[int, int] | None = None,
+                     video_frames: int | None = None) -> dict[str, torch.Tensor]:
+        """One image of ``size`` = (h, w) px per row: its crops and ``image_sizes``; the placeholder
+        count from the model's own packing."""
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        from tokenprune.eval.tiny import placeholder_batch
+
+        if video_frames:
+            return self._bench_video(batch, text_tokens, video_frames)
+        if size is None:
+            raise NotImplementedError("the anyres bench rows are one image of a given size (h, w) in px")
+        cfg = self.model.config
+        crops = image_size_to_num_patches(image_size=list(size), grid_pinpoints=cfg.image_grid_pinpoints,
+                                          patch_size=self.crop_px)
+        sizes = torch.tensor([list(size)] * batch)
+        counts = self._image_counts({"image_sizes": sizes[:1]})
+        assert counts is not None
+        out = placeholder_batch(counts[0], self.image_token_id, batch, text_tokens, cfg.text_config.vocab_size,
+                                (crops, 3, self.crop_px, self.crop_px), "pixel_values")
+        return {**out, "image_sizes": sizes}
+
+    def _bench_video(self, batch: int, text_tokens: int, frames: int) -> dict[str, torch.Tensor]:
+        raise NotImplementedError(f"{self.name} takes no video input")
+
     def image_overlay(self, image: Any, kept: torch.Tensor | None, merge_groups: torch.Tensor | None,
                       processor: Any, inputs: dict[str, Any]) -> Any:
         """Two panels: the base crop and the unpadded high-resolution canvas (with its rows)."""
@@ -291,6 +316,15 @@ class LlavaOnevisionFamily(LlavaNextFamily):
         if video is not None:
             out["video"] = video
         return out
+
+    def _bench_video(self, batch: int, text_tokens: int, frames: int) -> dict[str, torch.Tensor]:
+        """One clip of ``frames`` frames per row: pooled grids, one newline."""
+        from tokenprune.eval.tiny import placeholder_batch
+
+        cfg = self.model.config
+        n = frames * math.ceil(self.side / 2) ** 2 + 1
+        return placeholder_batch(n, self.video_token_id, batch, text_tokens, cfg.text_config.vocab_size,
+                                 (frames, 3, self.crop_px, self.crop_px), "pixel_values_videos")
 
     def video_overlay(self, frames: list[Any], kept: torch.Tensor | None, n_tokens: int, processor: Any,
                       inputs: dict[str, Any]) -> Any:

@@ -221,6 +221,29 @@ class QwenVLFamily(DecoderLLM, Family):
                     segs.extend([int(h * w)] * int(t))
         return segs
 
+    def bench_inputs(self, batch: int, text_tokens: int, size: tuple[int, int] | None = None,
+                     video_frames: int | None = None) -> dict[str, torch.Tensor]:
+        """One image of ``size`` = (h, w) patches per row, flat patches + ``image_grid_thw``, the
+        prompt padded to ``text_tokens`` text tokens; the config's own special ids."""
+        from tokenprune.eval.tiny import QWEN_IDS, qwen_batch, qwen_inputs, qwen_prompt
+
+        if video_frames or size is None:
+            raise NotImplementedError("the Qwen bench rows are one image of a given size (h, w) in patches")
+        cfg = self.model.config
+        one = qwen_inputs(self.name, images=[size], seed=1)
+        n_img = size[0] * size[1] // 4
+        ids = qwen_prompt([("image", n_img)], vocab=min(cfg.text_config.vocab_size, 1024))
+        pad = text_tokens - (ids.shape[1] - n_img)
+        ids = torch.cat([ids[:, :1], torch.randint(10, 1000, (1, max(0, pad))), ids[:, 1:]], 1)
+        one["input_ids"], one["attention_mask"] = ids, torch.ones_like(ids)
+        inp = qwen_batch(self.name, [one] * batch)
+        real = inp["input_ids"].clone()        # the tiny builder's special ids -> the config's
+        for key, attr in (("image", "image_token_id"), ("video", "video_token_id"),
+                          ("vision_start", "vision_start_token_id"), ("vision_end", "vision_end_token_id")):
+            real[inp["input_ids"] == QWEN_IDS[key]] = int(getattr(cfg, attr))
+        inp["input_ids"] = real
+        return inp
+
     def image_overlay(self, image: Any, kept: torch.Tensor | None, merge_groups: torch.Tensor | None,
                       processor: Any, inputs: dict[str, Any]) -> Any:
         """Merged 2 x 2 patch cells over the resized image (its size from ``image_grid_thw``)."""

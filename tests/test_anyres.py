@@ -13,15 +13,7 @@ import pytest
 import torch
 
 import tokenprune
-from tokenprune.eval.tiny import (
-    ANYRES_IDS,
-    ANYRES_KINDS,
-    anyres_inputs,
-    build_anyres,
-    build_anyres_processor,
-    random_image,
-    random_video,
-)
+from tokenprune.eval.tiny import ANYRES_IDS, ANYRES_KINDS, anyres_inputs, build_anyres, build_anyres_processor, random_image, random_video
 
 STRATEGIES = [s for s in tokenprune.list_strategies() if s != "holitom"]
 INNER = [s for s in STRATEGIES if tokenprune.registry.get_strategy(s).stage == "llm"]

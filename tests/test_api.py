@@ -9,13 +9,7 @@ import torch
 from conftest import single
 
 import tokenprune
-from tokenprune import (
-    AlreadyAppliedError,
-    ConfigError,
-    IncompatibleStrategyError,
-    TokenPruneError,
-    UnsupportedModelError,
-)
+from tokenprune import AlreadyAppliedError, ConfigError, IncompatibleStrategyError, TokenPruneError, UnsupportedModelError
 from tokenprune.strategies.base import Selection, StrategySpec
 
 
@@ -143,8 +137,10 @@ def test_third_party_strategy_and_duplicates(model):
         del _STRATEGIES["first_n"], _BY_CONFIG[FirstConfig]
     with pytest.raises(DuplicateRegistrationError):
         tokenprune.register_family("llava", object)
-    assert tokenprune.list_families() == ["llava", "llava_next", "llava_onevision", "qwen2_5_vl", "qwen2_vl",
-                                          "qwen3_vl"]
+    # the built-ins are all there (a plugin family may add more; the list is sorted)
+    fams = tokenprune.list_families()
+    assert {"llava", "llava_next", "llava_onevision", "qwen2_5_vl", "qwen2_vl", "qwen3_vl"} <= set(fams)
+    assert fams == sorted(fams)
 
 
 # --- load ------------------------------------------------------------------------------------------

@@ -9,17 +9,7 @@ import threading
 
 import pytest
 import torch
-from conftest import (  # noqa: F401
-    N_TOK,
-    batch,
-    eager_vision,
-    expected_selections,
-    hook_snapshot,
-    manual_logits,
-    pixels,
-    reference_embeds,
-    single,
-)
+from conftest import N_TOK, batch, eager_vision, expected_selections, hook_snapshot, manual_logits, pixels, reference_embeds, single  # noqa: F401
 
 import tokenprune
 

@@ -383,7 +383,7 @@ class PruneHandle:
                 else:
                     state.from_forward.append(m)
             if state.uncached and self.lspec is not None:
-                state.continuation = self._uncached_continuation(args, kwargs, masks)
+                state.continuation = self._uncached_continuation(args, kwargs)
             state.ids = fam.input_ids(args, kwargs)
         self._state.set(state)
         return trimmed
@@ -456,12 +456,13 @@ class PruneHandle:
 
     @staticmethod
     def _extend_tail(rec: PruneRecord, ids: torch.Tensor | None) -> None:
-        if rec.tail is None or ids is None or rec.offset == 0:
-            rec.tail = None if ids is None else rec.tail
-            return
-        rec.tail = torch.cat([rec.tail, ids.to(rec.tail.device)], 1)[:, -rec.offset:]
+        """Keep the last ``rec.offset`` consumed ids (no host sync: a concatenation per call)."""
+        if ids is None:               # an embeddings-only call: what the cache ends with is unknown
+            rec.tail = None
+        elif rec.tail is not None:
+            rec.tail = torch.cat([rec.tail, ids.to(rec.tail.device)], 1)[:, -rec.offset:]
 
-    def _uncached_continuation(self, args: tuple, kwargs: dict[str, Any], masks: dict[str, torch.Tensor]):
+    def _uncached_continuation(self, args: tuple, kwargs: dict[str, Any]) -> Continuation | None:
         """``use_cache=False`` generation re-runs the whole sequence each step with the same visual
         inputs (the same tensor objects). An uncached call whose ids start with the previous
         uncached call's prompt on this thread, with the same visual inputs, continues it and keeps

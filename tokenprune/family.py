@@ -262,6 +262,23 @@ class Family:
         """(dims, layers run, tokens per encoder pass incl. CLS)."""
         raise NotImplementedError
 
+    # --- benchmark inputs: the family's own input geometry -----------------------------------
+    def bench_inputs(self, batch: int, text_tokens: int, size: tuple[int, int] | None = None,
+                     video_frames: int | None = None) -> dict[str, torch.Tensor]:
+        """Synthetic inputs of ``batch`` equal rows for the speed bench (CPU, float32): one image per
+        row (``size`` is the family's own measure of it; a fixed grid ignores it), or a clip of
+        ``video_frames`` frames. Default: a fixed grid per image."""
+        from .eval.tiny import placeholder_batch
+
+        if video_frames:
+            raise NotImplementedError(f"{self.name} takes no video input")
+        cfg = self.model.config
+        side = int(cfg.vision_config.image_size)
+        n = self.tokens_per_image
+        assert n is not None
+        return placeholder_batch(n, self.image_token_id, batch, text_tokens, cfg.text_config.vocab_size,
+                                 (3, side, side), "pixel_values")
+
     # --- presentation (CLI, demo): the family's geometry, so no caller branches on its name ----
     def video_processor_kwargs(self, video: Any) -> dict[str, Any]:
         """Extra processor keywords for a video input ((T, H, W, 3) frames); none by default."""

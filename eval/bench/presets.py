@@ -22,9 +22,10 @@ class ModelPreset:
     budgets: tuple[int, ...]           # visual tokens kept per image
     text_tokens: int = 64              # prompt text around the image
     dtype: torch.dtype = torch.float32
-    image: tuple[int, int] | None = None   # Qwen families: image size in patches (h, w)
-    anyres: tuple[int, int] | None = None  # LLaVA-NeXT / OneVision: image size in px (h, w)
-    video_frames: int | None = None        # LLaVA-OneVision video: frames of one clip per row
+    #: one image's size in the family's own measure (Family.bench_inputs): Qwen (h, w) patches,
+    #: LLaVA-NeXT / OneVision (h, w) px; fixed-grid families ignore it
+    size: tuple[int, int] | None = None
+    video_frames: int | None = None        # a clip of this many frames per row instead of an image
     strategies: tuple[str, ...] | None = None   # overrides the bench's list (e.g. video methods)
 
 
@@ -157,9 +158,9 @@ PRESETS: dict[str, BenchPreset] = {
     "tiny": BenchPreset(
         models=(ModelPreset("llava-tiny", "llava", _tiny_llava, batches=(1, 2), budgets=(16, 4), text_tokens=8),
                 ModelPreset("qwen2.5-vl-tiny", "qwen2_5_vl", _tiny_qwen("qwen2_5_vl"), batches=(1,),
-                            budgets=(8,), text_tokens=8, image=(8, 12)),
+                            budgets=(8,), text_tokens=8, size=(8, 12)),
                 ModelPreset("llava-ov-tiny", "llava_onevision", _tiny_anyres("llava_onevision"), batches=(1,),
-                            budgets=(8,), text_tokens=8, anyres=(84, 112)),
+                            budgets=(8,), text_tokens=8, size=(84, 112)),
                 ModelPreset("llava-ov-tiny video", "llava_onevision", _tiny_anyres("llava_onevision"),
                             batches=(1,), budgets=(12,), text_tokens=8, video_frames=4,
                             strategies=("holitom", "fastv"))),
@@ -168,17 +169,17 @@ PRESETS: dict[str, BenchPreset] = {
         models=(ModelPreset("llava-mid (576 tok)", "llava", _mid_llava, batches=(1, 4), budgets=(192, 64)),
                 # 448 x 448 px (32 x 32 patches of 14 px) -> 256 merged tokens
                 ModelPreset("qwen2-vl-mid (256 tok)", "qwen2_vl", _mid_qwen("qwen2_vl"), batches=(1, 4),
-                            budgets=(85, 28), image=(32, 32)),
+                            budgets=(85, 28), size=(32, 32)),
                 ModelPreset("qwen2.5-vl-mid (256 tok)", "qwen2_5_vl", _mid_qwen("qwen2_5_vl"), batches=(1, 4),
-                            budgets=(85, 28), image=(32, 32)),
+                            budgets=(85, 28), size=(32, 32)),
                 # anyres: a 336 x 252 px image -> base 144 + unpadded 2 x 2 canvas with newlines
                 ModelPreset("llava-next-mid (anyres)", "llava_next", _mid_anyres("llava_next"), batches=(1, 4),
-                            budgets=(120, 40), anyres=(252, 336)),
+                            budgets=(120, 40), size=(252, 336)),
                 ModelPreset("llava-ov-mid (anyres)", "llava_onevision", _mid_anyres("llava_onevision"),
-                            batches=(1, 4), budgets=(120, 40), anyres=(252, 336)),
+                            batches=(1, 4), budgets=(120, 40), size=(252, 336)),
                 # Qwen3-VL: 16 px patches, 512 x 512 px -> 256 merged tokens
                 ModelPreset("qwen3-vl-mid (256 tok)", "qwen3_vl", _mid_qwen("qwen3_vl"), batches=(1, 4),
-                            budgets=(85, 28), image=(32, 32)),
+                            budgets=(85, 28), size=(32, 32)),
                 # 16 frames x 36 pooled tokens (+ 1 newline) = 577 placeholders; keep 20 % / 10 %
                 ModelPreset("llava-ov-mid video (16 fr)", "llava_onevision", _mid_ov_video, batches=(1,),
                             budgets=(115, 58), video_frames=16, strategies=VIDEO_STRATEGIES)),
@@ -186,10 +187,10 @@ PRESETS: dict[str, BenchPreset] = {
     "gpu": BenchPreset(
         models=(# 672 x 672 px: 5 crops -> 2,928 placeholders (576 base + 48 x 48 canvas + 48 newlines)
                 ModelPreset("llava-next-7b (anyres)", "llava_next", llava_next_7b_config, batches=(1,),
-                            budgets=(640, 320, 160), dtype=torch.bfloat16, anyres=(672, 672)),
+                            budgets=(640, 320, 160), dtype=torch.bfloat16, size=(672, 672)),
                 # 1008 x 1008 px: 72 x 72 patches -> 1,296 tokens; 33 / 22 / 11 %
                 ModelPreset("qwen2.5-vl-7b (1008 px)", "qwen2_5_vl", qwen25_vl_7b_config, batches=(1,),
-                            budgets=(432, 288, 144), dtype=torch.bfloat16, image=(72, 72)),
+                            budgets=(432, 288, 144), dtype=torch.bfloat16, size=(72, 72)),
                 # 32 frames x 196 pooled tokens + 1 newline = 6,273 placeholders; keep 20 % / 10 %
                 ModelPreset("llava-ov-7b video (32 fr)", "llava_onevision", llava_onevision_7b_config,
                             batches=(1,), budgets=(1254, 627), dtype=torch.bfloat16, video_frames=32,

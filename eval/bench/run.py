@@ -30,7 +30,6 @@ import torch
 import tokenprune
 from tokenprune.api import family_for
 
-from ..tiny import prompt_ids
 from .presets import PRESETS, BenchPreset, ModelPreset, build
 from .reference import eager_copy, official_select
 from .timing import cache_mb, peak_mb, time_ms
@@ -81,61 +80,10 @@ def placeholder_id(mp: ModelPreset, family: Any) -> int:
     return int(family.video_token_id) if mp.video_frames else int(family.image_token_id)
 
 
-def _real_ids(ids: torch.Tensor, cfg: Any) -> torch.Tensor:
-    """The tiny prompt builder's special ids (image / video pads, vision start / end) mapped to the
-    config's own (a real-size Qwen config uses 151655, ...)."""
-    from ..tiny import QWEN_IDS
-
-    out = ids.clone()
-    for key, attr in (("image", "image_token_id"), ("video", "video_token_id"),
-                      ("vision_start", "vision_start_token_id"), ("vision_end", "vision_end_token_id")):
-        out[ids == QWEN_IDS[key]] = int(getattr(cfg, attr))
-    return out
-
-
-def _llava_style(mp: ModelPreset, cfg: Any, n: int, token_id: int, batch: int, device: str,
-                 pixel_shape: tuple[int, ...], pixel_key: str) -> dict[str, torch.Tensor]:
-    """``batch`` equal rows: text around ``n`` placeholders of ``token_id``, random pixels
-    [batch, *pixel_shape] under ``pixel_key`` (LLaVA, LLaVA-NeXT / OneVision images and videos)."""
-    ids = prompt_ids(n, prefix=mp.text_tokens // 2, suffix=mp.text_tokens - mp.text_tokens // 2,
-                     image_token_id=token_id, vocab=min(cfg.text_config.vocab_size, 1024)).repeat(batch, 1)
-    px = torch.randn(batch, *pixel_shape, generator=torch.Generator().manual_seed(1))
-    ids = ids.to(device)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), pixel_key: px.to(device, mp.dtype)}
-
-
 def _inputs(mp: ModelPreset, model: Any, family: Any, batch: int, device: str) -> dict[str, torch.Tensor]:
-    cfg = model.config
-    size = getattr(cfg.vision_config, "image_size", None)   # crop / frame side (not Qwen: any size)
-    if mp.video_frames:   # LLaVA-OneVision video: one clip of F frames per row, pooled, one newline
-        from ..tiny import ov_pooled_side
-
-        n = mp.video_frames * ov_pooled_side(cfg.vision_config) ** 2 + 1
-        return _llava_style(mp, cfg, n, family.video_token_id, batch, device, (mp.video_frames, 3, size, size),
-                            "pixel_values_videos")
-    if mp.image is not None:   # Qwen: flat patches + grid_thw, one image per row
-        from ..tiny import qwen_batch, qwen_inputs, qwen_prompt
-
-        one = qwen_inputs(family.name, images=[mp.image], seed=1, dtype=mp.dtype)
-        n_img = mp.image[0] * mp.image[1] // 4
-        ids = qwen_prompt([("image", n_img)], vocab=min(cfg.text_config.vocab_size, 1024))
-        pad = mp.text_tokens - (ids.shape[1] - n_img)
-        ids = torch.cat([ids[:, :1], torch.randint(10, 1000, (1, max(0, pad))), ids[:, 1:]], 1)
-        one["input_ids"], one["attention_mask"] = ids, torch.ones_like(ids)
-        inp = qwen_batch(family.name, [one] * batch)
-        inp["input_ids"] = _real_ids(inp["input_ids"], cfg)
-        return {k: (v.to(device, mp.dtype) if v.is_floating_point() else v.to(device)) for k, v in inp.items()}
-    if mp.anyres is not None:   # LLaVA-NeXT / OneVision: crops + image_sizes, count from the model's packing
-        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
-
-        crops = image_size_to_num_patches(image_size=list(mp.anyres), grid_pinpoints=cfg.image_grid_pinpoints,
-                                          patch_size=size)
-        sizes = torch.tensor([list(mp.anyres)] * batch)
-        n = family._image_counts({"image_sizes": sizes[:1]})[0]
-        out = _llava_style(mp, cfg, n, family.image_token_id, batch, device, (crops, 3, size, size), "pixel_values")
-        return {**out, "image_sizes": sizes.to(device)}
-    return _llava_style(mp, cfg, family.tokens_per_image, family.image_token_id, batch, device, (3, size, size),
-                        "pixel_values")
+    """The family's own synthetic inputs for the preset, on ``device`` (floating tensors in its dtype)."""
+    inp = family.bench_inputs(batch, mp.text_tokens, size=mp.size, video_frames=mp.video_frames)
+    return {k: (v.to(device, mp.dtype) if v.is_floating_point() else v.to(device)) for k, v in inp.items()}
 
 
 def _cache(out: Any) -> Any:
@@ -367,7 +315,7 @@ class Bench:
             model = build(mp, self.device)
             family = family_for(model)
             # official-style reference (eager tower + output_attentions): LLaVA-1.5 only
-            plain = mp.image is None and mp.anyres is None and mp.video_frames is None
+            plain = family.tokens_per_image is not None and not mp.video_frames
             eager = eager_copy(family.vision_tower) if plain else None
             try:
                 for batch in mp.batches:

@@ -18,16 +18,7 @@ import torch
 
 from ..config import ConfigError, PruneConfig
 from ..registry import register_strategy
-from .base import (
-    ScoreRequest,
-    Selection,
-    StrategySpec,
-    VisionInfo,
-    VisualTokens,
-    mask_to_indices,
-    rank_desc,
-    topk_indices,
-)
+from .base import ScoreRequest, Selection, StrategySpec, VisionInfo, VisualTokens, mask_to_indices, rank_desc, topk_indices
 
 MODES = ("rank", "row")
 

@@ -19,16 +19,7 @@ import torch
 
 from ..config import ConfigError, PruneConfig, check_range
 from ..registry import register_strategy
-from .base import (
-    ScoreRequest,
-    Selection,
-    StrategySpec,
-    VisionInfo,
-    VisualTokens,
-    mask_to_indices,
-    rank_desc,
-    topk_indices,
-)
+from .base import ScoreRequest, Selection, StrategySpec, VisionInfo, VisualTokens, mask_to_indices, rank_desc, topk_indices
 
 #: the paper's object layer for a 24-layer CLIP ViT-L (1-based)
 PAPER_OBJECT_LAYER = 9

@@ -22,16 +22,7 @@ import torch.nn.functional as F
 
 from ..config import ConfigError, PruneConfig, check_range
 from ..registry import register_strategy
-from .base import (
-    ScoreRequest,
-    Selection,
-    StrategySpec,
-    VisionInfo,
-    VisualTokens,
-    mask_to_indices,
-    rank_desc,
-    topk_indices,
-)
+from .base import ScoreRequest, Selection, StrategySpec, VisionInfo, VisualTokens, mask_to_indices, rank_desc, topk_indices
 
 DOMINANT_SHARE = 54 / 64
 

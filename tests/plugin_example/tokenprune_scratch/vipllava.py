@@ -12,7 +12,7 @@ from torch import nn
 from tokenprune import register_family
 from tokenprune.errors import UnsupportedModelError
 from tokenprune.family import Family, VisionAttention
-from tokenprune.patches.llava import ROTARY_LLMS, DecoderLLM, vision_encoder_layers
+from tokenprune.patches.llava import ROTARY_LLMS, DecoderLLM, clip_attention, vision_encoder_layers
 from tokenprune.stats import LayerDims
 from tokenprune.strategies.base import LLMInfo, VisionInfo
 
@@ -47,9 +47,7 @@ class VipLlavaFamily(DecoderLLM, Family):
         self.provides = frozenset({"features", "mean_attention", "keys", "cls_attention"} | llm)
 
     def vision_attention(self, layer: int) -> VisionAttention:
-        attn = self._layers[layer].self_attn
-        return VisionAttention(module=attn, q_source=attn.q_proj, k_source=attn.k_proj,
-                               num_heads=attn.num_heads, scale=attn.scale)
+        return clip_attention(self._layers[layer])
 
     def vision_dims(self) -> tuple[LayerDims, int, int]:
         v = self.model.config.vision_config
