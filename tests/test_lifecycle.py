@@ -114,13 +114,22 @@ def test_last_stats_are_the_calling_threads_own(model):
 
 
 def test_encodings_of_a_finished_thread_are_freed(model):
+    """Encodings wait per thread (thread-local): once the thread ends they are gone, not kept until
+    ``remove()``."""
+    import weakref
+
     handle = tokenprune.apply(model, "random", keep=0.5)
-    t = threading.Thread(target=lambda: logits(model, single()))
+    refs = []
+
+    def work():
+        logits(model, single())
+        refs.append(weakref.ref(handle._local.encoded[-1]))
+        assert refs[0]() is not None        # held while the thread lives
+    t = threading.Thread(target=work)
     t.start()
     t.join()
     gc.collect()
-    # thread-local storage: nothing of the finished thread is left on the handle
-    assert not hasattr(handle._local, "encoded")
+    assert len(refs) == 1 and refs[0]() is None
     assert "_encoded_by_thread" not in vars(handle)
     handle.remove()
 
