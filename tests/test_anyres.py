@@ -362,3 +362,21 @@ def test_holitom_outer_on_onevision_equals_reference_and_hand_fed(base):
     for got, (kept, _) in zip(h.last_stats.kept_indices[0], exp):
         assert torch.equal(got, kept)
     torch.testing.assert_close(out, hand_fed(clean, inp, runs, exp), atol=3e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["hiprune", "random"])
+def test_two_rows_with_the_same_image_are_not_beam_copies(am, name):
+    """Equal images in different rows are two encodings (only generate's own copies of one prompt
+    share a layout): a batch of the same image twice equals each row alone."""
+    kind, model, proc = am
+    img = random_image(84, 112, 1)
+    proc.tokenizer.padding_side = "left"
+    chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is this"}]}]
+    texts = [proc.apply_chat_template(chat, add_generation_prompt=True)] * 2
+    inp = dict(proc(text=texts, images=[img, img], return_tensors="pt", padding=True))
+    single = anyres_inputs(proc, images=[img])
+    with tokenprune.apply(model, name, keep=KEEP):
+        with torch.no_grad():
+            both = model.generate(**inp, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+            one = model.generate(**single, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert torch.equal(both[0, -3:], one[0, -3:]) and torch.equal(both[1, -3:], one[0, -3:])

@@ -267,3 +267,64 @@ def test_debug_log_says_what_was_hooked_and_kept(model, caplog):
     text = caplog.text
     assert "installed random on LlavaForConditionalGeneration" in text and "model.multi_modal_projector" in text
     assert "random kept [10] of [64] visual tokens" in text
+
+
+def _cache_kw():
+    from tokenprune.testing import cache_kwarg
+
+    return cache_kwarg()
+
+
+def _turn1(model, inp):
+    with torch.no_grad():
+        out = model.generate(**inp, max_new_tokens=3, min_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+    return out, getattr(out, "cache", None) or out.past_key_values
+
+
+def test_a_continuation_chunk_wholly_inside_the_pruned_cache_is_refused(model):
+    """Chunked prefill of a second turn: a first chunk made only of tokens the cache already holds
+    is refused (typed) rather than written into the cache twice; a chunk longer than that works."""
+    inp = single()
+    with tokenprune.apply(model, "random", keep=0.5):          # 32 of 64 image tokens pruned
+        out, cache = _turn1(model, inp)
+        conv = torch.cat([out.sequences, torch.tensor([[20, 21, 22, 23, 24]])], 1)
+        with pytest.raises(tokenprune.UnsupportedCallError, match="wholly in the pruned cache"):
+            with torch.no_grad():
+                model.generate(input_ids=conv, attention_mask=torch.ones_like(conv), **{_cache_kw(): cache},
+                               max_new_tokens=2, prefill_chunk_size=8)
+
+
+def test_a_reset_cache_starts_a_new_generation(model):
+    inp, other = single(seed=0), single(seed=1)
+    with tokenprune.apply(model, "hiprune", keep=0.3):
+        _, cache = _turn1(model, inp)
+        cache.reset()
+        with torch.no_grad():
+            again = model.generate(**other, **{_cache_kw(): cache}, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+            fresh = model.generate(**other, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    assert torch.equal(again, fresh)
+
+
+def test_plain_forwards_without_a_cache_choose_afresh(model):
+    """Only an explicit use_cache=False call (a generate step) continues the previous one's inner
+    selection; two plain forwards are two prefills."""
+    inp = single()
+    longer = dict(inp, input_ids=torch.cat([inp["input_ids"], torch.tensor([[30, 31]])], 1))
+    longer["attention_mask"] = torch.ones_like(longer["input_ids"])
+    with tokenprune.apply(model, "fastv", keep=0.3) as h:
+        logits(model, inp)
+        logits(model, longer)
+        after = h.last_stats.kept_indices[0][0]
+    with tokenprune.apply(model, "fastv", keep=0.3) as h:
+        logits(model, longer)
+        assert torch.equal(after, h.last_stats.kept_indices[0][0])
+
+
+def test_labels_with_return_dict_false_give_the_loss_first(model):
+    inp = single()
+    labels = inp["input_ids"].clone()
+    with tokenprune.apply(model, "random", keep=0.3):
+        with torch.no_grad():
+            d = model(**inp, labels=labels)
+            t = model(**inp, labels=labels, return_dict=False)
+    assert isinstance(t, tuple) and torch.equal(t[0], d.loss) and torch.equal(t[1], d.logits)

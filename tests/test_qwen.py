@@ -374,3 +374,4 @@ def test_load_from_a_saved_folder_with_the_real_processor(kind, tmp_path):
         assert out.shape[1] == enc["input_ids"].shape[1] + 3
         assert h.last_stats.visual_tokens_in == [n]
         assert h.last_stats.visual_tokens_kept == [round(0.25 * n)]
+

@@ -62,11 +62,12 @@ def _find_encoding(encoded: list["Encoded"], f: torch.Tensor) -> tuple["Encoded"
 
 
 def _first_equal(items: list[torch.Tensor]) -> list[int]:
-    """For each item, the index of the first item that is the same tensor or equal to it."""
+    """For each item, the index of the first item that is the same tensor (generate's copies of a
+    prompt's encodings are the same objects; two equal images of different rows are not copies)."""
     out: list[int] = []
     for j, f in enumerate(items):
-        hit = next((i for i in sorted(set(out)) if items[i].shape == f.shape and (
-            items[i].data_ptr() == f.data_ptr() or torch.equal(items[i], f))), j)
+        hit = next((i for i in sorted(set(out)) if items[i] is f or (
+            items[i].shape == f.shape and items[i].data_ptr() == f.data_ptr())), j)
         out.append(hit)
     return out
 
@@ -227,12 +228,12 @@ class PruneHandle:
                 log.debug("installed %s on %s (family %s): %d hooks on %s; scored layers %s", self.spec.name,
                           type(self.model).__name__, self.family.name, len(self._hooks),
                           sorted({names.get(id(m), type(m).__name__) for m in self.modules}), self.scored_layers)
-        except Exception as e:
+        except BaseException as e:   # an interrupt mid-install must not leave hooks either
             for h in self._hooks:
                 h.remove()
             self._hooks.clear()
             self._removed = True
-            if isinstance(e, TokenPruneError):
+            if isinstance(e, TokenPruneError) or not isinstance(e, Exception):
                 raise
             raise UnsupportedModelError(
                 f"installing {self.spec.name} on {type(self.model).__name__} failed and was rolled back: "
@@ -311,19 +312,25 @@ class PruneHandle:
         new["labels"] = None
         return args, new
 
-    def _top_post(self, module: Any, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
+    def _top_post(self, module: Any, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
         lc = self._labels.get()
         self._labels.set(None)
-        if lc is None or getattr(output, "logits", None) is None:
-            return
-        logits = output.logits
+        if lc is None:
+            return None
+        as_tuple = isinstance(output, tuple)
+        logits = output[0] if as_tuple else getattr(output, "logits", None)
+        if logits is None:
+            return None
         if logits.shape[1] != lc.labels.shape[1]:
             raise UnsupportedCallError(
                 f"labels of length {lc.labels.shape[1]} do not match the {logits.shape[1]} logits "
                 "(pass logits_to_keep=0 with labels)")
         vocab = module.config.get_text_config().vocab_size
-        output.loss = module.loss_function(logits=logits, labels=lc.labels.to(logits.device),
-                                           vocab_size=vocab, **lc.extra)
+        loss = module.loss_function(logits=logits, labels=lc.labels.to(logits.device), vocab_size=vocab, **lc.extra)
+        if as_tuple:                  # return_dict=False: the model's own order, loss first
+            return (loss,) + tuple(output)
+        output["loss"] = loss
+        return None
 
     def _slice_labels(self, idx: torch.Tensor, ghost: torch.Tensor | None = None) -> None:
         """Follow a gather of the sequence: positions that are new padding (or ghosts) predict nothing."""
@@ -339,8 +346,10 @@ class PruneHandle:
     def _outer_pre(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]):
         fam = self.family
         cache = cache_of(kwargs)
+        # "uncached": a generation step without a cache (generate passes use_cache=False); a plain
+        # forward without a cache is a prefill of its own
         state = CallState(caller_positions=kwargs.get("position_ids") is not None,
-                          uncached=cache is None)
+                          uncached=cache is None and kwargs.get("use_cache") is False)
         masks = fam.placeholder_masks(args, kwargs)
         given_all = kwargs.get("mm_encoder_outputs") or {}
         # a modality counts only when the call carries its pixels or encodings: a placeholder id
@@ -348,6 +357,8 @@ class PruneHandle:
         masks = {m: v for m, v in masks.items() if v is not None and bool(v.any())
                  and (kwargs.get(fam.pixel_keys[m]) is not None or given_all.get(m) is not None)}
         trimmed = None
+        if cache is not None and cache in self._records and seq_len(cache) == 0:
+            del self._records[cache]          # reset / cropped to nothing: a new generation
         if not masks:
             record = self._records.get(cache) if cache is not None else None
             if record is not None:
@@ -382,7 +393,7 @@ class PruneHandle:
                     state.given[m] = list(given.pooler_output)
                 else:
                     state.from_forward.append(m)
-            if state.uncached and self.lspec is not None:
+            if state.uncached and self.lspec is not None and kwargs.get("use_cache") is False:
                 state.continuation = self._uncached_continuation(args, kwargs)
             state.ids = fam.input_ids(args, kwargs)
         self._state.set(state)
@@ -427,15 +438,25 @@ class PruneHandle:
         past = seq_len(cache)
         mask = kwargs.get("attention_mask")
         stale = False
-        if off > 0 and q > off:
+        if off > 0 and q > 1:
+            pos = kwargs.get("position_ids")
+            first = None                 # the chunk's first text position, where the caller gives it
+            if torch.is_tensor(pos) and (pos.dim() == 2 or (pos.dim() == 3 and pos.shape[0] == 4)):
+                first = int(pos.reshape(-1, pos.shape[-1])[0, 0])   # one sync, continuation calls only
             if torch.is_tensor(mask) and mask.dim() == 2:
                 stale = mask.shape[1] - q == past
                 if not stale and mask.shape[1] - q != past + off:
                     raise UnsupportedCallError(
                         f"the attention_mask covers {mask.shape[1]} tokens, but the pruned cache holds "
                         f"{past + off} (in unpruned numbering) and the call adds {q}")
-            elif ids is not None and rec.tail is not None and rec.tail.shape[1] == off:
+            elif first is not None and first in (past, past + off):     # no mask: no padding either
+                stale = first == past
+            elif ids is not None and rec.tail is not None and rec.tail.shape[1] == off and q > off:
                 stale = torch.equal(ids[:, :off].to(rec.tail.device), rec.tail)
+            if stale and q <= off:
+                raise UnsupportedCallError(
+                    f"this continuation chunk of {q} tokens lies wholly in the pruned cache (it lags the "
+                    f"sequence by {off} pruned tokens); pass prefill_chunk_size=None, or feed only the new tokens")
         if not stale:
             self._extend_tail(rec, ids)
             return None
@@ -896,7 +917,9 @@ class PruneHandle:
             assert rec.dropped is not None
             d = rec.dropped.to(pos.device)
             d = d[:, None] if pos.dim() == 2 else d[None, :, None]
-            new["position_ids"] = pos - d if rec.compact else pos + d
+            # compact: the caller numbers unpruned, each row renumbered by its own drops; original:
+            # the model numbered from the (padded, shared) cache length, which lags by rec.offset
+            new["position_ids"] = pos - d if rec.compact else pos + rec.offset
         return new
 
     # -- statistics -------------------------------------------------------------------------

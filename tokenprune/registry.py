@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 import logging
 import pkgutil
+import threading
 import warnings
 from importlib import metadata
 from typing import TYPE_CHECKING, Any, overload
@@ -35,6 +36,7 @@ _BY_CONFIG: dict[type, "StrategySpec"] = {}
 _FAMILIES: dict[str, type["Family"]] = {}
 _PLUGIN_ERRORS: dict[str, str] = {}
 _LOADED = {"builtins": False, "plugins": False}
+_REG_LOCK = threading.RLock()
 GROUPS = {"strategies": "tokenprune.strategies", "families": "tokenprune.families"}
 
 
@@ -85,15 +87,21 @@ def register_family(model_type: "str | type[Family]", family_cls: "type[Family] 
 
 
 def _import_builtins() -> None:
-    """Import every module of the built-in strategy and family packages (importing registers)."""
+    """Import every module of the built-in strategy and family packages (importing registers).
+    The flag is set first so that a look-up made while those modules import does not recurse; a
+    failure resets it and is raised (the built-ins are the core)."""
     if _LOADED["builtins"]:
         return
     _LOADED["builtins"] = True
-    for pkg_name in ("tokenprune.strategies", "tokenprune.patches"):
-        pkg = importlib.import_module(pkg_name)
-        for mod in pkgutil.iter_modules(pkg.__path__):
-            if not mod.name.startswith("_") and mod.name != "base":
-                importlib.import_module(f"{pkg_name}.{mod.name}")
+    try:
+        for pkg_name in ("tokenprune.strategies", "tokenprune.patches"):
+            pkg = importlib.import_module(pkg_name)
+            for mod in pkgutil.iter_modules(pkg.__path__):
+                if not mod.name.startswith("_") and mod.name != "base":
+                    importlib.import_module(f"{pkg_name}.{mod.name}")
+    except BaseException:
+        _LOADED["builtins"] = False
+        raise
 
 
 def load_plugins(force: bool = False) -> dict[str, str]:
@@ -112,8 +120,8 @@ def load_plugins(force: bool = False) -> dict[str, str]:
                 continue
             try:
                 obj = ep.load()
-                if isinstance(obj, StrategySpec) and obj.name not in _STRATEGIES:
-                    register_strategy(obj)
+                if isinstance(obj, StrategySpec) and _STRATEGIES.get(obj.name) is not obj:
+                    register_strategy(obj)      # a name another strategy holds is rejected (reported)
                 elif isinstance(obj, type) and issubclass(obj, Family) and not any(
                         _FAMILIES.get(t) is obj for t in obj.model_types):
                     register_family(obj)
@@ -140,8 +148,9 @@ def plugin_errors() -> dict[str, str]:
 
 
 def _ensure() -> None:
-    _import_builtins()
-    load_plugins()
+    with _REG_LOCK:           # threads wait for the first look-up's imports; re-entrant for imports
+        _import_builtins()
+        load_plugins()
 
 
 def list_strategies() -> list[str]:

@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from .errors import UnsupportedCallError
+
 
 def take(x: torch.Tensor, idx: torch.Tensor, dim: int, fill: Any = 0) -> torch.Tensor:
     """Gather along ``dim`` with a per-row index ``idx`` [B, L'] (-1 = padding, filled with ``fill``).
@@ -54,11 +56,15 @@ def padding_mask(mask: Any, length: int) -> torch.Tensor | None:
     if mask is None:
         return None
     if isinstance(mask, dict):   # a None entry: the kernel's own causal path, no padding
-        mask = mask.get("full_attention", next(iter(mask.values()), None))
+        if "full_attention" not in mask:   # a sliding window hides far keys: not padding
+            raise UnsupportedCallError(f"cannot read the padding of a prompt from masks {sorted(mask)} "
+                                       "without a full-attention one; pass a 2D attention_mask")
+        mask = mask["full_attention"]
         if mask is None:
             return None
     if not torch.is_tensor(mask):
-        raise TypeError(f"cannot read a padding mask from a {type(mask).__name__} attention mask")
+        raise UnsupportedCallError(f"cannot read a padding mask from a {type(mask).__name__} attention mask "
+                                   "(e.g. flex attention's BlockMask); pass a 2D attention_mask")
     if mask.dim() == 2:
         return mask
     row = mask[:, 0, -1, :length]
