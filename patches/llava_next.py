@@ -221,6 +221,8 @@ class LlavaNextFamily(LlavaFamily):
             return self._video_layouts(spans, embeds, scores, feats, per_frame)
         out, cursor, g2 = [], 0, self.side * self.side
         for sp in spans:
+            if cursor >= feats.shape[0]:
+                raise UnsupportedCallError(f"{feats.shape[0]} encoded crops for more image placeholder runs")
             cols = sp.cols.to(embeds.device)
             run = embeds[sp.row, cols]
             is_nl = (run == nl).all(-1)
@@ -350,6 +352,8 @@ class LlavaOnevisionFamily(LlavaNextFamily):
             frames = (n - 1) // pooled
             if frames * pooled + 1 != n:
                 raise UnsupportedCallError(f"a video placeholder run of {n} tokens is not frames x {pooled} + 1")
+            if cursor + frames > feats.shape[0]:
+                raise UnsupportedCallError(f"{feats.shape[0]} encoded frames for more video placeholder runs")
             flat_rows = sp.row * length + cols
             units = []
             step = 1 if per_frame else frames

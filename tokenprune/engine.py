@@ -61,13 +61,14 @@ def _find_encoding(encoded: list["Encoded"], f: torch.Tensor) -> tuple["Encoded"
     return None
 
 
-def _first_equal(items: list[torch.Tensor]) -> list[int]:
-    """For each item, the index of the first item that is the same tensor (generate's copies of a
-    prompt's encodings are the same objects; two equal images of different rows are not copies)."""
+def _first_equal(items: list[torch.Tensor], by_value: bool = False) -> list[int]:
+    """For each item, the index of the first item that is the same tensor (``by_value``: or equal
+    to it). generate's copies of a prompt's encodings are the same objects when they come as a
+    list, copies by value when they come as one stacked tensor."""
     out: list[int] = []
     for j, f in enumerate(items):
-        hit = next((i for i in sorted(set(out)) if items[i] is f or (
-            items[i].shape == f.shape and items[i].data_ptr() == f.data_ptr())), j)
+        hit = next((i for i in sorted(set(out)) if items[i] is f or (items[i].shape == f.shape and (
+            items[i].data_ptr() == f.data_ptr() or (by_value and torch.equal(items[i], f))))), j)
         out.append(hit)
     return out
 
@@ -719,14 +720,21 @@ class PruneHandle:
                 continue
             if m not in raws:
                 raise UnsupportedCallError(f"no encoder pass was seen for the {m}s of this call")
-            # generate's beam search / num_return_sequences repeats pre-encoded items (the same
-            # encoding) for each copy of a prompt: lay out each distinct item once, copy the rest
-            first = _first_equal(state.given[m]) if m in state.given and len(state.given[m]) == len(spans) \
-                else list(range(len(spans)))
-            uniq = sorted(set(first))
-            lays = dict(zip(uniq, fam.lm_layouts(m, [spans[i] for i in uniq], embeds, raws[m], per_frame)))
-            layouts.extend(lays[i] if i == j else _rebase(lays[i], spans[j], length)
-                           for j, i in enumerate(first))
+            # generate's beam search / num_return_sequences repeats pre-encoded items for each copy
+            # of a prompt (the same objects for a list, copies by value for a stacked tensor) while
+            # the encoder saw each once: lay out each distinct item once and move it onto its copies
+            def lay_out(first: list[int], m: str = m, spans: list[Span] = spans) -> list[ImageLayout]:
+                uniq = sorted(set(first))
+                lays = dict(zip(uniq, fam.lm_layouts(m, [spans[i] for i in uniq], embeds, raws[m], per_frame)))
+                return [lays[i] if i == j else _rebase(lays[i], spans[j], length) for j, i in enumerate(first)]
+            items = state.given.get(m)
+            if items is None or len(items) != len(spans):
+                layouts.extend(lay_out(list(range(len(spans)))))
+                continue
+            try:      # copies by identity first: equal images of different rows are two encodings
+                layouts.extend(lay_out(_first_equal(items)))
+            except UnsupportedCallError:     # the counts did not match: copies made by value
+                layouts.extend(lay_out(_first_equal(items, by_value=True)))
         images, merged = self._select_layouts(embeds.reshape(b * length, d), layouts)
         for i, sp in enumerate(state.spans):
             if sp.modality == "image" and self.vs.images == "keep":   # a video method: images pass whole
