@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,8 +23,10 @@ EXAMPLE = HERE / "plugin_example"
 def installed(tmp_path_factory):
     """``pip install`` of the example package into a target folder (no network, no build isolation)."""
     target = tmp_path_factory.mktemp("site")
+    src = tmp_path_factory.mktemp("src") / "plugin_example"   # a copy: the build writes next to the sources
+    shutil.copytree(EXAMPLE, src, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                    "--target", str(target), str(EXAMPLE)], check=True, capture_output=True, timeout=300)
+                    "--target", str(target), str(src)], check=True, capture_output=True, timeout=300)
     assert list(target.glob("tokenprune_scratch-*.dist-info"))
     return target
 
