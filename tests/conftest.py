@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tokenprune.eval.tiny import batch_prompts, build_llava, prompt_ids
+from tokenprune.testing import hook_snapshot  # noqa: F401  (the kit's, used by the tests)
 
 N_TOK = 64  # 112 px / 14 = 8 x 8 tokens per image
 
@@ -39,11 +40,6 @@ def batch(specs: list[tuple[int, int]]):
     px = torch.cat([pixels(n, s) for n, s in specs])
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": px}, [single(n, s) for n, s in specs]
 
-
-def hook_snapshot(model):
-    """Hook counts and attribute names of every module: what remove() must restore exactly."""
-    return {name: (len(m._forward_hooks), len(m._forward_pre_hooks), sorted(vars(m)))
-            for name, m in model.named_modules()}
 
 
 def layer_out(x):

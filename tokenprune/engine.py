@@ -402,7 +402,7 @@ class PruneHandle:
 
     def _refuse_before_running(self, cache: Any, kwargs: dict[str, Any]) -> None:
         """Typed refusals of generation modes pruning cannot serve, before any layer runs."""
-        if cache is not None and (seq_len(cache) > 0 or cache in self._records):
+        if cache is not None and seq_len(cache) > 0:   # (a record of an emptied cache was dropped)
             raise UnsupportedCallError(
                 "pruning images in a call that continues a non-empty KV cache is not supported (a "
                 "new image in a later turn); start a new generation over the whole conversation")
