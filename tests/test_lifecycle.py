@@ -283,12 +283,14 @@ def _turn1(model, inp):
 
 def test_a_continuation_chunk_wholly_inside_the_pruned_cache_is_refused(model):
     """Chunked prefill of a second turn: a first chunk made only of tokens the cache already holds
-    is refused (typed) rather than written into the cache twice; a chunk longer than that works."""
+    is refused (typed) rather than written into the cache twice. transformers before 5.18 splits the
+    whole conversation from token 0 (its own chunked continuation is wrong unpatched too): the engine
+    then refuses the first chunk's mismatched mask, also typed."""
     inp = single()
     with tokenprune.apply(model, "random", keep=0.5):          # 32 of 64 image tokens pruned
         out, cache = _turn1(model, inp)
         conv = torch.cat([out.sequences, torch.tensor([[20, 21, 22, 23, 24]])], 1)
-        with pytest.raises(tokenprune.UnsupportedCallError, match="wholly in the pruned cache"):
+        with pytest.raises(tokenprune.UnsupportedCallError, match="wholly in the pruned cache|the attention_mask covers 8 tokens"):
             with torch.no_grad():
                 model.generate(input_ids=conv, attention_mask=torch.ones_like(conv), **{_cache_kw(): cache},
                                max_new_tokens=2, prefill_chunk_size=8)
@@ -299,6 +301,9 @@ def test_a_reset_cache_starts_a_new_generation(model):
     with tokenprune.apply(model, "hiprune", keep=0.3):
         _, cache = _turn1(model, inp)
         cache.reset()
+        if cache.get_seq_length() != 0:
+            pytest.skip("this transformers' DynamicLayer.reset zeroes the tensors but keeps their length, "
+                        "so generate continues the reset cache (unpatched too)")
         with torch.no_grad():
             again = model.generate(**other, **{_cache_kw(): cache}, max_new_tokens=4, min_new_tokens=4, do_sample=False)
             fresh = model.generate(**other, max_new_tokens=4, min_new_tokens=4, do_sample=False)
