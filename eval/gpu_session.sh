@@ -17,16 +17,16 @@ case "$what" in
            | tr '\r' '\n' | grep -v '^bench: .*it\]$' ;;
   holitom) timeout -s TERM "${BENCH_SECONDS:-120}" python3 -m tokenprune.eval.bench.holitom --preset gpu --out "$out" 2>&1 \
            | tr '\r' '\n' | grep -v 'it\]$' ;;
-  train-video) timeout -s TERM "${TRAIN_SECONDS:-340}" python3 -m tokenprune.eval.synthetic.train_video --device "${DEVICE:-cuda}" \
+  train-video) timeout -s TERM "${TRAIN_SECONDS:-340}" python3 -m tokenprune.eval.research.train_video --device "${DEVICE:-cuda}" \
            --out "$out/tiny-ov-video" --seconds-a "${SECONDS_A:-60}" --seconds-b "${SECONDS_B:-240}" --batch 64 \
            ${TRAIN_ARGS:-} 2>&1 \
            | tr '\r' '\n' | awk 'NR % 25 == 0 || !/it\/s|s\/it/' ;;
-  train) timeout -s TERM "${TRAIN_SECONDS:-340}" python3 -m tokenprune.eval.synthetic.train --device "${DEVICE:-cuda}" ${TRAIN_ARGS:-} \
+  train) timeout -s TERM "${TRAIN_SECONDS:-340}" python3 -m tokenprune.eval.research.train --device "${DEVICE:-cuda}" ${TRAIN_ARGS:-} \
            --out "$out/tiny-llava-vqa" --seconds-a "${SECONDS_A:-60}" --seconds-b "${SECONDS_B:-210}" --batch 256 2>&1 \
            | tr '\r' '\n' | awk 'NR % 25 == 0 || !/it\/s|s\/it/' ;;
   fidelity) timeout -s TERM "${FIDELITY_SECONDS:-150}" python3 -m tokenprune.eval.synthetic.fidelity --out "$out" \
            ${FIDELITY_ARGS:-} 2>&1 | tr '\r' '\n' | grep -v 'it\]$' ;;
-  probe-video) timeout -s TERM 120 python3 -m tokenprune.eval.synthetic.probe_video ${PROBE_ARGS:-} 2>"$out/probe_video.err" \
+  probe-video) timeout -s TERM 120 python3 -m tokenprune.eval.research.probe_video ${PROBE_ARGS:-} 2>"$out/probe_video.err" \
            | tee "$out/probe_video.json" ;;
   fidelity-video) timeout -s TERM "${FIDELITY_SECONDS:-150}" python3 -m tokenprune.eval.synthetic.fidelity_video \
            --out "$out" ${FIDELITY_ARGS:-} 2>&1 | tr '\r' '\n' | grep -v 'it\]$' ;;

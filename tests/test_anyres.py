@@ -293,6 +293,7 @@ def test_newline_tokens_keep_the_unpatched_layout(am, name):
         st = h.last_stats
         h.remove()
         n_nl = sum(int(f.sum()) for *_, f in runs)
+        assert st.layout_tokens == [n_nl], case                  # the stats say which tokens are layout
         if name not in INNER:
             assert int((seen["e"] == nl.to(seen["e"].dtype)).all(-1).sum()) == n_nl, case
         for (*_, flags), kept in zip(runs, st.kept_indices[0]):
@@ -320,6 +321,7 @@ def test_holitom_on_onevision_video(base):
         img, vid = st.kept_indices[0]
         assert img.numel() == runs[0][2].numel()                             # the image passes whole
         assert vid.numel() == round(0.25 * 4 * 4) + 1                        # 16 pooled tokens + newline
+        assert st.layout_tokens == [sum(int(r[3].sum()) for r in runs)]      # newlines of the image and the video
         assert st.inner_tokens_kept[0] < st.visual_tokens_kept[0]
 
 

@@ -129,7 +129,7 @@ def test_probe_reads_colour_and_shape_from_the_shipped_video_model():
     """The linear probe (eval/synthetic/probe_video.py) recovers colour and shape from the shipped
     model's tower output and LLM input (measured 93.1% / 91.1% for shape; the first video model's
     tower did not encode shape, 29.7%, which is why its shape answers stayed at chance)."""
-    from tokenprune.eval.synthetic.probe_video import run as probe
+    from eval.research.probe_video import run as probe
 
     res = probe(default_model(), n=64)
     assert res["tower"]["colour"] >= 0.9 and res["llm_input"]["colour"] >= 0.9
@@ -140,9 +140,9 @@ def test_probe_reads_colour_and_shape_from_the_shipped_video_model():
 def test_holitom_tau_diagnostic():
     """eval/synthetic/holitom_tau: the changed tokens' fates partition them, tau None resolves to
     the official default, and the similarity quantiles are ordered (the README's numbers come from
-    its full run, eval/results/holitom_tau_video.*)."""
-    from tokenprune.eval.synthetic.holitom_tau import run as tau_run
-    from tokenprune.eval.synthetic.holitom_tau import to_markdown
+    its full run, eval/research/results/holitom_tau_video.*)."""
+    from eval.research.holitom_tau import run as tau_run
+    from eval.research.holitom_tau import to_markdown
 
     res = tau_run(default_model(), n=6, settings=((0.111, None), (0.056, None), (0.111, 0.95)))
     assert [r["tau"] for r in res["holitom_wo_m"]] == [0.8, 0.65, 0.95]

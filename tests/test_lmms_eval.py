@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tokenprune.eval.tasks import TASKS_DIR
+from tokenprune.eval.tasks import include_path
 from tokenprune.runner import DEFAULT_MODEL
 
 if os.environ.get("TOKENPRUNE_REQUIRE_LMMS") != "1":
@@ -35,7 +35,7 @@ def lmms_eval(tmp_path: Path, model: str, model_args: str, *extra: str) -> tuple
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "HF_HUB_DISABLE_TELEMETRY": "1", "WANDB_MODE": "disabled", "HF_HOME": str(tmp_path / "hf")}
     proc = subprocess.run([*_cli(), "--model", model, "--model_args", model_args, "--tasks", TASK,
-                           "--include_path", str(TASKS_DIR), "--device", "cpu", "--output_path", str(out),
+                           "--include_path", str(include_path()), "--device", "cpu", "--output_path", str(out),
                            "--log_samples", *extra], env=env, capture_output=True, text=True, timeout=600)
     results = glob.glob(str(out / "**" / "*_results.json"), recursive=True)
     samples = glob.glob(str(out / "**" / f"*_samples_{TASK}.jsonl"), recursive=True)
@@ -106,7 +106,7 @@ def test_two_processes_with_torchrun_equal_one(tmp_path):
            "WANDB_MODE": "disabled"}
     proc = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
                            "29577", "-m", "lmms_eval", "--model", "tokenprune", "--model_args", args, "--tasks", TASK,
-                           "--include_path", str(TASKS_DIR), "--device", "cpu", "--batch_size", "2",
+                           "--include_path", str(include_path()), "--device", "cpu", "--batch_size", "2",
                            "--output_path", str(out), "--log_samples"], env=env, capture_output=True, text=True,
                           timeout=600)
     results = glob.glob(str(out / "**" / "*_results.json"), recursive=True)

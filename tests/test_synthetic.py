@@ -7,11 +7,11 @@ import json
 import numpy as np
 import torch
 
+from eval.research.train import encode_batch
 from tokenprune.eval.synthetic.model import build_processor, normalise
 from tokenprune.eval.synthetic.questions import ANSWERS, TYPES, sample_question
 from tokenprune.eval.synthetic.scenes import GRID, render, sample_scene, to_pil
 from tokenprune.eval.synthetic.splits import split
-from tokenprune.eval.synthetic.train import encode_batch
 
 
 def test_scenes_are_deterministic_and_labelled():
@@ -69,7 +69,7 @@ def test_training_inputs_equal_processor_inputs():
 def test_training_command_smoke(tmp_path):
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from tokenprune.eval.synthetic.train import main
+    from eval.research.train import main
 
     log = main(["--out", str(tmp_path / "m"), "--device", "cpu", "--steps-a", "1", "--steps-b", "1", "--batch", "2"])
     assert log["stage_a_steps"] == 1 and log["stage_b_steps"] == 1 and 0 <= log["validation"]["overall"] <= 1
@@ -100,8 +100,8 @@ def test_video_model_processor_matches_training_inputs_and_trains(tmp_path):
     import torch
 
     import tokenprune
+    from eval.research.train_video import build_processor, build_tokenizer, encode, normalise, train
     from tokenprune.eval.synthetic.clips import clip_split, render_clips
-    from tokenprune.eval.synthetic.train_video import build_processor, build_tokenizer, encode, normalise, train
 
     s = clip_split(1, 5)[0]
     frames, _ = render_clips([s.clip])
@@ -127,7 +127,7 @@ def test_video_training_single_frames_in_stage_a_and_event_supervision(tmp_path)
     trainer; the stage-A shape accuracy is logged; the event head is not part of the saved model."""
     from transformers import LlavaOnevisionForConditionalGeneration
 
-    from tokenprune.eval.synthetic.train_video import train
+    from eval.research.train_video import train
 
     log = train(tmp_path / "m", "cpu", 1, 2, 2, n_val=4, frames_a=1, event_aux=0.5, vision_layers=1,
                 vision_hidden=32, llm_layers=2, llm_hidden=64)
@@ -140,7 +140,7 @@ def test_video_training_single_frames_in_stage_a_and_event_supervision(tmp_path)
 def test_dense_shape_loss_object_weight():
     """object_weight=1 is the unweighted loss (no weight tensor at all, so the image trainer is
     unchanged); a larger weight moves the shape loss towards the object patches' loss."""
-    from tokenprune.eval.synthetic.train import N_PAIRS, DenseHeads
+    from eval.research.train import N_PAIRS, DenseHeads
 
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(2, 257, 32, generator=g)
@@ -169,7 +169,7 @@ def test_video_dropout_masks_only_video_tokens_and_keeps_newline():
     token and the trailing newline, leaves padding and text alone, and keeps whole rows sometimes."""
     import torch
 
-    from tokenprune.eval.synthetic.train_video import build_tokenizer, drop_visual, encode
+    from eval.research.train_video import build_tokenizer, drop_visual, encode
 
     tok = build_tokenizer()
     ids, mask, _ = encode(tok, ["which shape moves", "how many objects are there at the end"], ["circle", "two"])
@@ -194,7 +194,7 @@ def test_video_dropout_object_centred_rows_and_pooled_objects():
     patches to the model's frame-major pooled token order."""
     import torch
 
-    from tokenprune.eval.synthetic.train_video import build_tokenizer, drop_visual, encode, pooled_objects
+    from eval.research.train_video import build_tokenizer, drop_visual, encode, pooled_objects
 
     labels = torch.zeros(2, 8, 16, 16, 3, dtype=torch.long)
     labels[0, 3, 5, 9, 1] = 2                                        # frame 3, patch (5, 9) -> cell (2, 4)
@@ -223,9 +223,9 @@ def test_video_event_targets_mark_the_changing_object_per_frame():
     """Event supervision targets: the target object's tokens in the frames that show it, with the
     clip's class (direction for moves); static objects and background are 0; an appearing
     object is 0 before it appears; a recolouring one is marked in every frame."""
+    from eval.research.train_video import EVENT_CLASSES, event_targets, pooled_objects
     from tokenprune.eval.synthetic.clips import Clip, render_clips
     from tokenprune.eval.synthetic.scenes import Obj, Scene
-    from tokenprune.eval.synthetic.train_video import EVENT_CLASSES, event_targets, pooled_objects
 
     still = Obj("square", "red", "big", 40, 40)
     mover = Obj("circle", "blue", "big", 60, 170)
@@ -249,7 +249,7 @@ def test_video_event_targets_mark_the_changing_object_per_frame():
 def test_video_event_loss_reads_attended_video_tokens_only():
     """The event loss is finite, trains its head, and ignores masked-out (dropped) video tokens
     and the text; event and static tokens are weighted equally."""
-    from tokenprune.eval.synthetic.train_video import build_tokenizer, encode, event_loss
+    from eval.research.train_video import build_tokenizer, encode, event_loss
 
     tok = build_tokenizer()
     ids, mask, _ = encode(tok, ["which shape moves"] * 2, ["circle"] * 2)
@@ -293,8 +293,8 @@ def test_image_training_freezes_tower_and_warm_starts_llm(tmp_path):
     every phase of a step is timed in the log."""
     from transformers import LlavaForConditionalGeneration
 
+    from eval.research.train import main
     from tokenprune.eval.synthetic.model import build_model
-    from tokenprune.eval.synthetic.train import main
 
     fresh = build_model(0)
     log = main(["--out", str(tmp_path / "f"), "--device", "cpu", "--steps-a", "0", "--steps-b", "2", "--batch", "2",
@@ -318,7 +318,7 @@ def test_video_training_freezes_tower_and_continues_from_a_saved_model(tmp_path)
     continues from the saved model (a zero learning rate leaves it exactly as saved)."""
     from transformers import LlavaOnevisionForConditionalGeneration
 
-    from tokenprune.eval.synthetic.train_video import build_model, train
+    from eval.research.train_video import build_model, train
 
     kw = dict(vision_layers=1, vision_hidden=32, llm_layers=1, llm_hidden=64)
     fresh = build_model(0, **kw)
@@ -336,7 +336,7 @@ def test_video_training_freezes_tower_and_continues_from_a_saved_model(tmp_path)
 
 
 def test_dropout_masks_mix_full_random_and_object_centred_rows():
-    from tokenprune.eval.synthetic.train import dropout_masks
+    from eval.research.train import dropout_masks
 
     torch.manual_seed(0)
     b, n = 4000, GRID * GRID
@@ -365,9 +365,9 @@ def test_video_model_from_image_model_carries_tower_projector_and_llm_over():
     same function as the Llama one; word rows are copied by word."""
     from transformers import LlavaForConditionalGeneration
 
+    from eval.research import train_video
+    from eval.research.transfer import from_image_model
     from tokenprune.eval.synthetic import model as image_model
-    from tokenprune.eval.synthetic import train_video
-    from tokenprune.eval.synthetic.transfer import from_image_model
     from tokenprune.runner import ASSETS
 
     path = ASSETS / "tiny-llava-vqa"
@@ -402,7 +402,7 @@ def test_video_training_from_image_model_command(tmp_path):
     import pytest
     from transformers import LlavaOnevisionForConditionalGeneration
 
-    from tokenprune.eval.synthetic.train_video import main
+    from eval.research.train_video import main
     from tokenprune.runner import ASSETS
 
     image = str(ASSETS / "tiny-llava-vqa")

@@ -685,7 +685,8 @@ class PruneHandle:
             groups.append(torch.where(g >= 0, g + kept_before, g))
             kept_before += idx.numel()
         merged = any(sel.groups is not None for sel in sels)
-        return ImageSel(keep=keep, groups=torch.cat(groups) if merged else None)
+        fixed = 0 if lay.fixed is None else int(lay.fixed.numel())
+        return ImageSel(keep=keep, groups=torch.cat(groups) if merged else None, fixed=fixed)
 
     def _select_at_lm(self, state: CallState, embeds: torch.Tensor) -> tuple[list[ImageSel], torch.Tensor]:
         """Families whose placeholder layout is built after the projector (LLaVA-NeXT /
@@ -738,7 +739,7 @@ class PruneHandle:
         images, merged = self._select_layouts(embeds.reshape(b * length, d), layouts)
         for i, sp in enumerate(state.spans):
             if sp.modality == "image" and self.vs.images == "keep":   # a video method: images pass whole
-                images[i] = ImageSel(keep=torch.ones_like(images[i].keep))
+                images[i] = ImageSel(keep=torch.ones_like(images[i].keep), fixed=images[i].fixed)
         state.seconds += time.perf_counter() - t0
         return images, (embeds if merged is None else merged.reshape(b, length, d))
 
@@ -785,7 +786,7 @@ class PruneHandle:
                     raise UnsupportedCallError(
                         f"an encoded {m} has {im.keep.numel()} tokens but its placeholder run has {sp.cols.numel()}")
             if m == "image" and self.vs.images == "keep":   # a video method: images pass unchanged
-                got = [ImageSel(keep=torch.ones_like(im.keep)) for im in got]
+                got = [ImageSel(keep=torch.ones_like(im.keep), fixed=im.fixed) for im in got]
             out.extend(got)
         return out
 
@@ -853,8 +854,10 @@ class PruneHandle:
         self._fill_stats(state, keep, b)
         assert state.stats is not None
         state.stats.merge_groups = [[] for _ in range(b)]
+        state.stats.layout_tokens = [0] * b
         for row, im in zip(state.images, images):
             state.stats.merge_groups[row].append(im.groups)
+            state.stats.layout_tokens[row] += im.fixed
         dropped_mask = visual & ~keep
         self._fill_flops(state, length, int(keep.sum(1).max()), b)
         if not bool(dropped_mask.any()):

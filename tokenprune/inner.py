@@ -145,6 +145,10 @@ class InnerStage:
         dev = keep.device
         if self.h.vspec is None:
             self.h._fill_stats(state, keep, b)
+            assert state.stats is not None
+            state.stats.layout_tokens = [0] * b
+            for sp, fixed in zip(state.spans, fv.fixed):
+                state.stats.layout_tokens[sp.row] += int(fixed.numel())
         else:  # stacked: stats describe the LLM input; the inner stage adds its own counts
             st = state.stats
             assert st is not None

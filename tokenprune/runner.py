@@ -16,7 +16,17 @@ from PIL import Image
 from . import api
 from .errors import ConfigError, TokenPruneError
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
+
+
+def _assets() -> Path:
+    """The embedded assets folder (package data ``tokenprune.assets``; the repo's ``assets/`` in an
+    editable install). A real folder: ``from_pretrained`` reads the checkpoints from it."""
+    from importlib.resources import files
+
+    return Path(str(files("tokenprune.assets")))
+
+
+ASSETS = _assets()
 DEFAULT_MODEL = ASSETS / "tiny-llava-vqa"
 DEFAULT_VIDEO_MODEL = ASSETS / "tiny-ov-video"     # `run --video` without --model
 DEFAULT_IMAGE = ASSETS / "demo.png"

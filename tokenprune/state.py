@@ -42,6 +42,7 @@ class ImageSel:
 
     keep: torch.Tensor
     groups: torch.Tensor | None = None
+    fixed: int = 0           #: layout tokens of the run (newlines): always kept, not in the budget
 
 
 @dataclass

@@ -37,6 +37,9 @@ class PruneStats:
     run, in the model's own order); ``merge_groups`` (per image, for merging strategies: [N] position
     among the image's kept grid tokens (a kept CLS prefix not counted) of the token each grid token was
     merged into, -1 if dropped; None for strategies that do not merge).
+    ``visual_tokens_in`` / ``visual_tokens_kept`` count every visual placeholder that reaches the
+    LLM; ``layout_tokens`` says how many of them are layout (LLaVA-NeXT / OneVision ``image_newline``
+    tokens: always kept, not counted in the budget), so content tokens = in − layout → kept − layout.
     ``prune_ms``: time spent scoring, selecting and slicing
     (CPU wall clock of the hooks). ``flops_before`` / ``flops_after``: analytic prefill FLOPs
     (vision + LLM) without / with pruning.
@@ -47,6 +50,7 @@ class PruneStats:
     visual_tokens_kept: list[int] = field(default_factory=list)
     kept_indices: list[list[torch.Tensor]] = field(default_factory=list)
     merge_groups: list[list[torch.Tensor | None]] = field(default_factory=list)
+    layout_tokens: list[int] = field(default_factory=list)
     #: stacked strategies only: visual tokens per sample from the inner stage's layer K on
     inner_tokens_kept: list[int] | None = None
     #: stacked only: per sample, per image / video, indices (into the tokens the outer stage kept,
@@ -63,6 +67,7 @@ class PruneStats:
             "visual_tokens_kept": list(self.visual_tokens_kept),
             "kept_indices": [[t.tolist() for t in row] for row in self.kept_indices],
             "merge_groups": [[None if g is None else g.tolist() for g in row] for row in self.merge_groups],
+            "layout_tokens": list(self.layout_tokens),
             "inner_tokens_kept": self.inner_tokens_kept,
             "prune_ms": self.prune_ms,
             "flops_before": self.flops_before,

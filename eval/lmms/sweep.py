@@ -36,13 +36,13 @@ def sweep(model: str, tasks: list[str], strategies: list[str], keeps: list[float
     from tqdm import tqdm
 
     import tokenprune
-    from tokenprune.eval.tasks import TASKS_DIR
+    from tokenprune.eval.tasks import include_path as local_tasks
 
     from .model import TokenPruneChat
 
     lm = TokenPruneChat(pretrained=model, strategy="none", device=device, dtype=dtype, batch_size=batch_size)
     lm.keep_loaded = True             # one load for the whole grid
-    tm = TaskManager(include_path=[str(TASKS_DIR), *include_path], include_defaults=False)
+    tm = TaskManager(include_path=[str(local_tasks()), *include_path], include_defaults=False)
     grid = [("none", 1.0)] + [(s, k) for s in strategies for k in keeps]
     rows = []
     for name, keep in tqdm(grid, desc="sweep"):
@@ -66,8 +66,13 @@ def sweep(model: str, tasks: list[str], strategies: list[str], keeps: list[float
     return {"model": model, "tasks": tasks, "limit": limit, "rows": rows}
 
 
+def _label(model: str) -> str:
+    """A local checkpoint by its folder name (no machine's absolute path in a table), a hub id as is."""
+    return Path(model).name if Path(model).exists() else model
+
+
 def to_markdown(res: dict[str, Any]) -> str:
-    lines = [f"Model `{res['model']}`; lmms-eval tasks {res['tasks']}" + (f", limit {res['limit']}" if res["limit"] else ""),
+    lines = [f"Model `{_label(res['model'])}`; lmms-eval tasks {res['tasks']}" + (f", limit {res['limit']}" if res["limit"] else ""),
              "", "| strategy | keep | task | metric | score | visual tokens kept / in (mean) | TTFT ms (mean) |",
              "|---|---|---|---|---|---|---|"]
     for r in res["rows"]:

@@ -1,4 +1,6 @@
-"""Offline lmms-eval tasks shipped with tokenprune (``--include_path`` this folder)."""
-from pathlib import Path
+"""Offline lmms-eval tasks shipped with tokenprune. The task data are built on first use into the
+user's cache: pass ``include_path()`` (or the output of ``python -m tokenprune.eval.tasks``) to
+lmms-eval's ``--include_path``."""
+from .build import TASK, include_path
 
-TASKS_DIR = Path(__file__).resolve().parent
+__all__ = ["TASK", "include_path"]

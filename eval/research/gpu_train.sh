@@ -3,16 +3,16 @@
 # (so that answers depend on which visual tokens are kept), side by side, then both fidelity
 # benchmarks on the machine's CPUs. Every step logs its phase timings (training.json: stage_*_phase_ms, phase_ms_*),
 # which says whether a step is bound by host-side data / launches or by device compute.
-#   bash eval/gpu_train.sh OUT          (OUT gets results.tgz, image.tgz, video.tgz, log.txt)
+#   bash eval/research/gpu_train.sh OUT          (OUT gets results.tgz, image.tgz, video.tgz, log.txt)
 # Defaults fit one 10-minute call; override SECONDS_A / SECONDS_B / TRAIN_SECONDS to go longer.
 set -uo pipefail
 mkdir -p "$1"; OUT=$(realpath "$1"); work=$(mktemp -d); log="$OUT/log.txt"
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 export SECONDS_A=${SECONDS_A:-60} SECONDS_B=${SECONDS_B:-300} TRAIN_SECONDS=${TRAIN_SECONDS:-420}
 # time budgets only (the step caps are out of reach); the shipped LLM warm-starts the image LLM
 TRAIN_ARGS="--freeze-tower --init-llm $(pwd)/assets/tiny-llava-vqa --steps-a 100000 --steps-b 100000" \
   bash eval/gpu_session.sh train "$work/img" > "$work/img.log" 2>&1 &
-# the video model starts from the shipped image model (tower, projector, LLM: eval/synthetic/transfer.py)
+# the video model starts from the shipped image model (tower, projector, LLM: eval/research/transfer.py)
 TRAIN_ARGS="--freeze-tower --init-image $(pwd)/assets/tiny-llava-vqa --frames-a 1 --shape-weight 10" \
   bash eval/gpu_session.sh train-video "$work/vid" > "$work/vid.log" 2>&1 &
 wait

@@ -1,7 +1,7 @@
 """Linear probes of the tiny video model: can a linear read-out tell an object's colour and shape
 from the tower's output (per 14-px patch) and from the LLM's input (per pooled video token)?
 
-    python -m tokenprune.eval.synthetic.probe_video [--model assets/tiny-ov-video] [--n 64]
+    python -m eval.research.probe_video [--model assets/tiny-ov-video] [--n 64]
 
 An answer about a shape cannot be better than the shape information the LLM is given, so this
 separates "the LLM did not learn the lookup" from "the tower never encoded it". Object tokens
@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from .clips import FRAMES, clip_split, render_clips
+from tokenprune.eval.synthetic.clips import FRAMES, clip_split, render_clips
+
 from .train_video import build_tokenizer, cell_max, encode, normalise
 
 #: (label channel of the patch labels, name, classes)
@@ -79,7 +80,7 @@ def linear_probe(x: torch.Tensor, y: torch.Tensor, classes: int, steps: int = 50
 
 def run(model_path: str | Path | None = None, n: int = 64) -> dict[str, Any]:
     """Probe accuracies {"tower" | "llm_input": {"colour" | "shape": acc}} and the chance levels."""
-    from .fidelity_video import default_model, load
+    from tokenprune.eval.synthetic.fidelity_video import default_model, load
 
     model, _ = load(model_path)
     tower, emb, labels = features(model, n)
@@ -96,7 +97,7 @@ def run(model_path: str | Path | None = None, n: int = 64) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(prog="python -m tokenprune.eval.synthetic.probe_video",
+    ap = argparse.ArgumentParser(prog="python -m eval.research.probe_video",
                                  description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="a saved video model folder (default: assets/tiny-ov-video)")
     ap.add_argument("--n", type=int, default=64, help="clips (half fit the probe, half score it)")

@@ -28,11 +28,11 @@ from typing import Any
 
 import torch
 
-from ..tiny import IMAGE_TOKEN
-from .model import CLIP_MEAN, CLIP_STD
-from .model import build_tokenizer as image_tokenizer
-from .video_model import SIGLIP_MEAN, SIGLIP_STD, video_config
-from .video_model import build_tokenizer as video_tokenizer
+from tokenprune.eval.synthetic.model import CLIP_MEAN, CLIP_STD
+from tokenprune.eval.synthetic.model import build_tokenizer as image_tokenizer
+from tokenprune.eval.synthetic.video_model import SIGLIP_MEAN, SIGLIP_STD, video_config
+from tokenprune.eval.synthetic.video_model import build_tokenizer as video_tokenizer
+from tokenprune.eval.tiny import IMAGE_TOKEN
 
 TOWER = "model.vision_tower."
 LLM = "model.language_model."

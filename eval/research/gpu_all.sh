@@ -4,10 +4,10 @@
 #   2. HoliTom's outer stage against the Qwen2-VL-7B vision tower (32 frames)
 #   3. two tiny video models trained side by side (the GPU is mostly idle for either alone)
 # Results are packed into OUT after every stage, so a run cut off early still returns what finished.
-#   bash eval/gpu_all.sh OUT
+#   bash eval/research/gpu_all.sh OUT
 set -uo pipefail
 mkdir -p "$1"; OUT=$(realpath "$1"); work=$(mktemp -d); log="$OUT/log.txt"
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 pack() { tar czf "$OUT/results.tgz" -C "$work" $(cd "$work" && ls -d results *.log 2>/dev/null); }
 mkdir -p "$work/results"
 BENCH_SECONDS=${BENCH_SECONDS:-240} bash eval/gpu_session.sh bench "$work/results" 2>&1 | tee -a "$log" | tail -n 80

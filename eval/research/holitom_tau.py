@@ -1,6 +1,6 @@
 """HoliTom's static threshold tau on the tiny video model: is a changing cell "static"?
 
-    python -m tokenprune.eval.synthetic.holitom_tau [--n 100] [--out eval/results]
+    python -m eval.research.holitom_tau [--n 100] [--out eval/research/results]
 
 HoliTom's outer stage calls a cell static over a window when the cosine similarity of its features
 between consecutive frames stays above tau (official: 0.8, 0.65 at keep <= 0.1, set on
@@ -19,11 +19,11 @@ from typing import Any
 import torch
 
 import tokenprune
+from tokenprune.eval.results_io import save_results
+from tokenprune.eval.synthetic.clips import FRAMES, clip_split, render_clips
+from tokenprune.eval.synthetic.fidelity_video import TEST_SEED, load, predict, prepare
+from tokenprune.eval.tiny import ov_pooled_side
 
-from ..results_io import save_results
-from ..tiny import ov_pooled_side
-from .clips import FRAMES, clip_split, render_clips
-from .fidelity_video import TEST_SEED, load, predict, prepare
 from .probe_video import PROBE_SEED
 from .probe_video import features as probe_features
 
@@ -68,7 +68,7 @@ def sweep(model: Any, processor: Any, n: int, settings: tuple = SETTINGS) -> lis
 def run(model_path: str | Path | None = None, n: int = 100, settings: tuple = SETTINGS) -> dict[str, Any]:
     import transformers
 
-    from ..bench.run import machine
+    from tokenprune.eval.bench.run import machine
 
     model, processor = load(model_path)
     return {"machine": f"{machine('cpu')}, torch {torch.__version__}, transformers {transformers.__version__}",
@@ -93,11 +93,11 @@ def to_markdown(res: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(prog="python -m tokenprune.eval.synthetic.holitom_tau",
+    ap = argparse.ArgumentParser(prog="python -m eval.research.holitom_tau",
                                  description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="a saved video model folder (default: assets/tiny-ov-video)")
     ap.add_argument("--n", type=int, default=100, help="test clips")
-    ap.add_argument("--out", type=Path, default=Path("eval/results"))
+    ap.add_argument("--out", type=Path, default=Path("eval/research/results"))
     a = ap.parse_args(argv)
     res = run(a.model, a.n)
     save_results(res, to_markdown(res), a.out, "holitom_tau_video")

@@ -1,9 +1,9 @@
 """Demo images for the CLI and the Gradio app: scenes of the synthetic VQA task (a split of its
 own, seed 30_000) with their questions, written to ``assets/``. Deterministic, offline, ~100 KB.
 
-The embedded model ``assets/tiny-llava-vqa`` is made by ``python -m tokenprune.eval.synthetic.train``.
+The embedded model ``assets/tiny-llava-vqa`` is made by ``python -m eval.research.train``.
 
-    python -m tokenprune.eval.make_assets [--out assets]
+    python -m eval.research.make_assets [--out assets]
 """
 from __future__ import annotations
 
@@ -60,5 +60,5 @@ def make_clip(out: Path) -> dict[str, str]:
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "assets")
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[2] / "assets")
     make(ap.parse_args().out)

@@ -1,6 +1,6 @@
 """Train the tiny VQA LLaVA and save it with ``save_pretrained`` (weights fp16 + processor).
 
-    python -m tokenprune.eval.synthetic.train --out assets/tiny-llava-vqa [--device cuda]
+    python -m eval.research.train --out assets/tiny-llava-vqa [--device cuda]
 
 Stage A (vision tower): dense per-patch supervision on the feature layer (colour, shape and
 object-centre of each patch) plus a CLS multi-label loss over (colour, shape) pairs, as CLIP-style
@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .model import build_model, build_processor, normalise, prompt_text
-from .questions import TYPES, sample_question
-from .scenes import COLOR_NAMES, GRID, SHAPES, render, sample_scene
+from tokenprune.eval.synthetic.model import build_model, build_processor, normalise, prompt_text
+from tokenprune.eval.synthetic.questions import TYPES, sample_question
+from tokenprune.eval.synthetic.scenes import COLOR_NAMES, GRID, SHAPES, render, sample_scene
 
 N_PAIRS = len(COLOR_NAMES) * len(SHAPES)
 
@@ -366,7 +366,7 @@ def evaluate(model: Any, tok: Any, device: str, n: int, seed: int, batch: int = 
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(prog="python -m tokenprune.eval.synthetic.train", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m eval.research.train", description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("assets/tiny-llava-vqa"))
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--steps-a", type=int, default=3000)

@@ -1,6 +1,6 @@
 """Train the tiny video LLaVA-OneVision on the synthetic clips and save it with ``save_pretrained``.
 
-    python -m tokenprune.eval.synthetic.train_video --out assets/tiny-ov-video [--device cuda]
+    python -m eval.research.train_video --out assets/tiny-ov-video [--device cuda]
 
 The model is a real ``LlavaOnevisionForConditionalGeneration`` (SigLIP-style tower 224 px / 14 ->
 16 x 16 patches per frame, 6 x 128 from scratch, no CLS; Qwen2 LLM 4 x 256) with a real
@@ -36,11 +36,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .clips import FRAMES, ClipSample, clip_split, render_clips, sample_clip, sample_clip_question
-from .questions import ANSWERS
-from .scenes import render
-from .train import DenseHeads, PhaseTimer, cosine, objects_first, pad_rows, pair_targets
-from .video_model import (  # noqa: F401
+from tokenprune.eval.synthetic.clips import FRAMES, ClipSample, clip_split, render_clips, sample_clip, sample_clip_question
+from tokenprune.eval.synthetic.questions import ANSWERS
+from tokenprune.eval.synthetic.scenes import render
+from tokenprune.eval.synthetic.video_model import (  # noqa: F401
     CHAT_TEMPLATE,
     CHAT_WORDS,
     POOLED,
@@ -53,6 +52,8 @@ from .video_model import (  # noqa: F401
     build_tokenizer,
     video_config,
 )
+
+from .train import DenseHeads, PhaseTimer, cosine, objects_first, pad_rows, pair_targets
 
 
 def normalise(frames: torch.Tensor) -> torch.Tensor:
@@ -330,7 +331,7 @@ def train(out: Path, device: str, seconds_a: float, seconds_b: float, batch: int
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(prog="python -m tokenprune.eval.synthetic.train_video",
+    ap = argparse.ArgumentParser(prog="python -m eval.research.train_video",
                                  description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("assets/tiny-ov-video"))
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
