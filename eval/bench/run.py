@@ -9,8 +9,12 @@ For each model preset x batch x budget x strategy, side by side in one run:
 * ``llm`` — the language model's own part of that forward (timed by hooks on it);
 * ``vision`` / ``vision_pruned`` — ``get_image_features`` unpatched / patched (capture + select);
 * ``prune`` — the hooks' own wall clock (``last_stats.prune_ms``);
-* decode tokens/s of a greedy ``generate`` (smallest budget only), peak memory of the prefill,
-  KV-cache size, analytic FLOPs ratio.
+* decode tokens/s of a greedy ``generate`` (smallest budget only), timed between its first and
+  last token inside each call; peak memory of the prefill (``timing.peak_method``); KV-cache size;
+  analytic FLOPs ratio.
+
+Each timing is the median of the preset's repeats, with its min-max; every row is checked against
+``sanity`` (flagged in the JSON, the markdown and on stderr when a rule breaks).
 
 Vision table: SDPA tower vs our capture vs the official-style eager + ``output_attentions``, and
 how many of the official-style kept tokens we keep too.
@@ -18,10 +22,16 @@ how many of the official-style kept tokens we keep too.
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import math
+import os
 import platform
+import signal
 import statistics
+import sys
 import time
 import traceback
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +42,8 @@ from tokenprune.api import family_for
 
 from .presets import PRESETS, BenchPreset, ModelPreset, build
 from .reference import eager_copy, official_select
-from .timing import cache_mb, peak_mb, time_ms
+from .sanity import check_row, check_vision_row, noisy
+from .timing import OtherWork, TokenClock, cache_mb, decode_samples, peak_mb, peak_method, time_ms, time_samples
 
 
 class _LMTimer:
@@ -108,6 +119,22 @@ def _kept_mask(ids: torch.Tensor, token_id: int, kept: list[list[torch.Tensor]])
     return keep
 
 
+def _stats(key: str, samples: list[float]) -> dict[str, Any]:
+    """``{key: median, key_range: [min, max]}`` (nan where a sample is: it fails the sanity rules)."""
+    if any(math.isnan(x) for x in samples):
+        return {key: float("nan"), f"{key}_range": [float("nan")] * 2}
+    return {key: statistics.median(samples), f"{key}_range": [min(samples), max(samples)]}
+
+
+def _checked(row: dict[str, Any], broken: list[str], spread: list[str]) -> dict[str, Any]:
+    """``row`` with its broken sanity rules and noisy timings attached; a warning for each broken rule."""
+    row["sanity"], row["noisy"] = broken, spread
+    where = f"{row['model']} bs={row['batch']} {row['strategy']} kept={row['kept']}"
+    for msg in broken:
+        print(f"bench: warning: {where} fails a sanity check: {msg}", file=sys.stderr)
+    return row
+
+
 def _vision_call(core: Any, inputs: dict[str, torch.Tensor]) -> Any:
     """The model's own vision entry point for these inputs (video or image features)."""
     if "pixel_values_videos" in inputs and "pixel_values" not in inputs:
@@ -133,6 +160,28 @@ class Bench:
     def t(self, fn: Any, repeats: int | None = None) -> float:
         return time_ms(fn, self.device, repeats or self.bp.repeats, self.bp.warmup)
 
+    def stats(self, key: str, fn: Any) -> dict[str, Any]:
+        """``{key: median ms, key_range: [min, max]}`` of the preset's repeats of ``fn``."""
+        return _stats(key, time_samples(fn, self.device, self.bp.repeats, self.bp.warmup))
+
+    def prefill(self, lm: torch.nn.Module, forward: Any) -> dict[str, Any]:
+        """TTFT of ``forward`` (median, range) and the median time of ``lm`` inside it, both over the
+        same timed repeats: the LLM timer is attached after the warm-up, so it never sees a first call."""
+        for _ in range(self.bp.warmup):
+            forward()
+        timer = _LMTimer(lm, self.device)
+        try:
+            out = _stats("ttft_ms", time_samples(forward, self.device, self.bp.repeats, 0))
+            out["llm_ms"] = timer.median_ms()
+        finally:
+            timer.close()
+        return out
+
+    def decode(self, generate: Any, prompt_len: int, batch: int) -> dict[str, Any]:
+        """Decode tok/s (median, range) of greedy ``generate`` calls and the new tokens of each."""
+        rates, new = decode_samples(generate, prompt_len, batch, max(3, self.bp.repeats // 2), self.bp.warmup)
+        return {**_stats("decode_tok_s", rates), "decode_new_tokens": new}
+
     # -- one (model, batch): unpruned, ideal per budget, every strategy per budget ---------------
     @torch.no_grad()
     def model_batch(self, mp: ModelPreset, model: Any, family: Any, batch: int, bar: Any) -> None:
@@ -144,26 +193,22 @@ class Bench:
         def forward() -> Any:
             return model(**inputs, logits_to_keep=1, use_cache=False)
 
-        def generate() -> Any:
+        def generate(clock: TokenClock) -> Any:
+            # min_new_tokens: a random-weight model may pick EOS at once; the rate needs every step
             d = self.bp.decode_tokens
-            return model.generate(**inputs, max_new_tokens=d, min_new_tokens=d, do_sample=False)
+            return model.generate(**inputs, max_new_tokens=d, min_new_tokens=d, do_sample=False, streamer=clock)
 
         def vision() -> Any:
             return _vision_call(core, inputs)
 
         def measure(decode: bool) -> dict[str, Any]:
-            timer = _LMTimer(core.language_model, self.device)
-            ttft = self.t(forward)
-            llm = timer.median_ms()
-            timer.close()
-            out = {"ttft_ms": ttft, "llm_ms": llm, "vision_ms": self.t(vision),
-                   "peak_mb": peak_mb(forward, self.device),
-                   "kv_mb": cache_mb(_cache(model(**inputs, logits_to_keep=1, use_cache=True)))}
-            if decode:
-                gen = self.t(generate, max(1, self.bp.repeats // 2))
-                steps = self.bp.decode_tokens - 1
-                out["decode_tok_s"] = batch * steps / max(1e-9, (gen - ttft) / 1000)
-            return out
+            with OtherWork() as others:
+                out = {**self.prefill(core.language_model, forward), **self.stats("vision_ms", vision),
+                       "peak_mb": peak_mb(forward, self.device),
+                       "kv_mb": cache_mb(_cache(model(**inputs, logits_to_keep=1, use_cache=True)))}
+                if decode:
+                    out.update(self.decode(generate, ids.shape[1], batch))
+            return {**out, "others_cpu": others.share}
 
         base = measure(decode=True)
         bar.update()
@@ -201,7 +246,7 @@ class Bench:
                 # what selecting costs: the extra time of the patched vision pass (+ FastV's inner
                 # scoring, inside llm_ms) relative to the unpruned time to first token
                 row["overhead_share"] = (row["ttft_ms"] - ideal["ttft_ms"]) / base["ttft_ms"]
-                self.rows.append(row)
+                self.rows.append(_checked(row, check_row(row, self.bp.decode_tokens), noisy(row)))
                 bar.update()
 
     @torch.no_grad()
@@ -212,7 +257,9 @@ class Bench:
         core, ids = model.model, inputs["input_ids"]
         keep = _kept_mask(ids, token_id, kept)
         if emb_full is None:
-            return self.ideal_sliced(model, inputs, keep)
+            with OtherWork() as others:
+                out = self.ideal_sliced(model, inputs, keep)
+            return {**out, "others_cpu": others.share}
         b = ids.shape[0]
         emb_kept = emb_full[keep].reshape(b, -1, emb_full.shape[-1])
         mask_kept = torch.ones(emb_kept.shape[:2], dtype=torch.long, device=ids.device)
@@ -227,9 +274,11 @@ class Bench:
 
         def llm() -> Any:
             return core.language_model(inputs_embeds=emb_kept, attention_mask=mask_kept, use_cache=False)
-        out = core.language_model(inputs_embeds=emb_kept, attention_mask=mask_kept, use_cache=True)
-        return {"ttft_ms": self.t(forward), "llm_ms": self.t(llm), "peak_mb": peak_mb(forward, self.device),
-                "kv_mb": cache_mb(_cache(out))}
+        with OtherWork() as others:
+            res = {**self.stats("ttft_ms", forward), "llm_ms": self.t(llm), "peak_mb": peak_mb(forward, self.device),
+                   "kv_mb": cache_mb(_cache(core.language_model(inputs_embeds=emb_kept, attention_mask=mask_kept,
+                                                                use_cache=True)))}
+        return {**res, "others_cpu": others.share}
 
     @torch.no_grad()
     def ideal_sliced(self, model: Any, inputs: dict[str, torch.Tensor], keep: torch.Tensor) -> dict[str, Any]:
@@ -256,18 +305,15 @@ class Bench:
                 new["deepstack_visual_embeds"] = [e[rows] for e in kw["deepstack_visual_embeds"]]
             return args, new
         h = core.language_model.register_forward_pre_hook(pre, with_kwargs=True)
-        timer = _LMTimer(core.language_model, self.device)
         try:
             def forward() -> Any:
                 return model(**inputs, logits_to_keep=1, use_cache=False)
-            ttft = self.t(forward)
-            llm = timer.median_ms()
-            peak = peak_mb(forward, self.device)
-            kv = cache_mb(_cache(model(**inputs, logits_to_keep=1, use_cache=True)))
+            out = self.prefill(core.language_model, forward)
+            out["peak_mb"] = peak_mb(forward, self.device)
+            out["kv_mb"] = cache_mb(_cache(model(**inputs, logits_to_keep=1, use_cache=True)))
         finally:
-            timer.close()
             h.remove()
-        return {"ttft_ms": ttft, "llm_ms": llm, "peak_mb": peak, "kv_mb": kv}
+        return out
 
     # -- vision: SDPA vs our capture vs official-style eager + output_attentions -----------------
     @torch.no_grad()
@@ -288,18 +334,17 @@ class Bench:
             official = self.t(lambda spec=spec, cfg=cfg: official_select(family, eager, spec, cfg, budget, px))
             ref_kept, _ = official_select(family, eager, spec, cfg, budget, px)
             agree = sum(len(set(a.tolist()) & set(r.tolist())) for a, r in zip(ours_kept, ref_kept))
-            self.vision_rows.append({
-                "model": mp.name, "batch": batch, "strategy": name, "kept": budget, "sdpa_ms": sdpa,
-                "ours_ms": ours, "official_ms": official, "ours_overhead": ours / sdpa - 1,
-                "official_overhead": official / sdpa - 1,
-                "agreement": agree / (budget * len(ref_kept))})
+            v = {"model": mp.name, "batch": batch, "strategy": name, "kept": budget, "sdpa_ms": sdpa,
+                 "ours_ms": ours, "official_ms": official, "ours_overhead": ours / sdpa - 1,
+                 "official_overhead": official / sdpa - 1, "agreement": agree / (budget * len(ref_kept))}
+            self.vision_rows.append(_checked(v, check_vision_row(v), []))
 
     def run(self) -> dict[str, Any]:
         from tqdm import tqdm
 
         n = sum(len(m.batches) * (1 + len(m.budgets) * len(self.strategies_for(m))) for m in self.bp.models)
         interrupted = False
-        with tqdm(total=n, desc="bench") as bar:
+        with tqdm(total=n, desc="bench") as bar, OtherWork() as others:
             try:
                 self._run_models(bar)
             except KeyboardInterrupt:  # SIGINT / SIGTERM (e.g. `timeout`): keep what was measured
@@ -308,6 +353,10 @@ class Bench:
         return {"machine": machine(self.device), "device": self.device, "torch": torch.__version__,
                 "transformers": transformers.__version__, "repeats": self.bp.repeats,
                 "warmup": self.bp.warmup, "decode_tokens": self.bp.decode_tokens, "interrupted": interrupted,
+                "others_cpu": others.share, "cpus": os.cpu_count(), "memory": peak_method(self.device),
+                "decode": "batch x (tokens - 1) / time from the first to the last new token inside each generate call",
+                "gc": "cyclic garbage collector off while timing",
+                "sanity_failures": sum(bool(r["sanity"]) for r in self.rows + self.vision_rows),
                 "rows": self.rows, "vision_rows": self.vision_rows, "errors": self.errors}
 
     def _run_models(self, bar: Any) -> None:
@@ -333,32 +382,72 @@ class Bench:
                 torch.cuda.empty_cache()
 
 
+DESCRIPTION = ("Speed and memory benchmark of visual-token pruning: time to first token, decode tokens/s, peak "
+               "memory and KV cache of the pruned model against the unpruned one and the ideal (the unpatched "
+               "model fed only the kept visual tokens), per model x batch x budget x strategy, on random-weight "
+               "models (no download).")
+#: optional packages (the [eval] extra) the bench imports: checked before any work is done
+NEEDS = ("matplotlib", "tqdm")
+
+
+def require(*modules: str, command: str = "tokenprune bench") -> None:
+    """Exit (status 2) with one line naming the missing ``modules``, before anything is measured."""
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        print(f'error: {command} needs {" and ".join(missing)}; pip install "tokenprune[eval]"', file=sys.stderr)
+        raise SystemExit(2)
+
+
+def default_out() -> Path:
+    """The user's working folder for results: ``./tokenprune_out/bench`` under the current directory."""
+    return Path.cwd() / "tokenprune_out" / "bench"
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="tokenprune bench", description=DESCRIPTION)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
+                    help="model geometries and case grid: tiny (smoke test, ~1 min on 2 cores), cpu (mid-size "
+                         "configs, minutes), gpu (real-size 7B architectures, one GPU); default: cpu")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="torch device (default: cuda if available, else cpu)")
+    ap.add_argument("--strategies", nargs="*", metavar="NAME",
+                    help=f"only these strategies (default: the preset's, {list(PRESETS['cpu'].strategies)})")
+    ap.add_argument("--repeats", type=int, metavar="N", help="timed repeats per measurement (default: the preset's)")
+    ap.add_argument("--models", nargs="*", metavar="TEXT",
+                    help="only the preset's models whose name contains one of these "
+                         f"(tiny: {', '.join(repr(m.name) for m in PRESETS['tiny'].models)})")
+    ap.add_argument("--out", type=Path, metavar="DIR",
+                    help="folder for bench_<preset>.{json,md} and its plots (default: ./tokenprune_out/bench)")
+    return ap
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = parser()
+    a = ap.parse_args(argv)
+    require(*NEEDS)
     from .report import write
 
-    ap = argparse.ArgumentParser(prog="tokenprune bench", description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--strategies", nargs="*", help=f"subset of {list(PRESETS['cpu'].strategies)}")
-    ap.add_argument("--repeats", type=int, help="override the preset's repeats")
-    ap.add_argument("--models", nargs="*", help="only the preset's models whose name contains one of these")
-    ap.add_argument("--out", type=Path, default=Path("eval/results"), help="folder for bench_<preset>.*")
-    a = ap.parse_args(argv)
     bp = PRESETS[a.preset]
-    from dataclasses import replace
-    if a.repeats:
+    if a.repeats is not None:
+        if a.repeats < 1:
+            ap.error("--repeats must be >= 1")
         bp = replace(bp, repeats=a.repeats)
     if a.models:
         bp = replace(bp, models=tuple(m for m in bp.models if any(k in m.name for k in a.models)))
-    import signal
+        if not bp.models:
+            ap.error(f"--models {' '.join(a.models)} matches none of {[m.name for m in PRESETS[a.preset].models]}")
+    out = a.out or default_out()
 
     def stop(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
     signal.signal(signal.SIGTERM, stop)
     res = Bench(bp, a.device, a.strategies).run()
     res["preset"] = a.preset
-    md = write(res, a.out, f"bench_{a.preset}")
+    md, paths = write(res, out, f"bench_{a.preset}")
     print(md)
+    print(f"bench: wrote {', '.join(p.name for p in paths)} to {out.resolve()}")
+    if res["sanity_failures"]:
+        print(f"bench: warning: {res['sanity_failures']} row(s) fail a sanity check (flagged in the table)", file=sys.stderr)
     return res
 
 
