@@ -47,6 +47,12 @@ def test_endpoint_answers_and_reports_bad_input(runner):
     assert parse_params("a=1; b=x") == {"a": 1, "b": "x"}
     tokens = compare(runner, image, QUESTION, "random", 0.5, "budget=10")[3]
     assert tokens.startswith("10 / 256")                    # a budget parameter overrides the slider
+    from tokenprune.errors import TokenPruneWarning
+
+    with pytest.warns(TokenPruneWarning):                   # words the tokenizer does not know: said in the UI
+        out = compare(runner, image, "What color is the cross?", "hiprune", 0.25, "")
+    assert out[3].startswith("64 / 256") and out[5].startswith("**Warning:** the tokenizer does not know 'What', 'cross?'")
+    assert "examples.json" in out[5]
 
 
 @pytest.fixture(scope="module")

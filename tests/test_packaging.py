@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 CORE = ["torch", "transformers", "accelerate", "pillow", "numpy"]
 MAX_ASSET_BYTES = 20_000_000
 RESEARCH = ("eval/research", "/research/", "train.py", "train_video.py", "probe_video.py", "holitom_tau.py",
-            "gpu_train.sh", "make_assets.py", ".parquet", "eval/results")
+            "gpu_train.sh", "make_assets.py", ".parquet", "eval/results/")
 
 
 def _copy_sources(dst: Path) -> None:

@@ -9,6 +9,11 @@ from tokenprune.eval.synthetic.model import build_processor
 from tokenprune.visualize import frames_overlay, grid, llava_boxes, merged_patch_boxes, overlay
 
 
+def _pixels(im):
+    """The pixel values (Pillow 12.1 deprecates getdata for get_flattened_data)."""
+    return im.get_flattened_data() if hasattr(im, "get_flattened_data") else im.getdata()
+
+
 class _Squash:
     size = {"height": 100, "width": 100}
     crop_size = None
@@ -78,7 +83,7 @@ def test_anyres_overlay_maps_run_positions_to_base_and_canvas():
     assert sheet.width >= 2 * 256
     cell = max(256, 120)
     base, canvas = sheet.crop((0, 16, cell, 16 + cell)), sheet.crop((cell, 16, 2 * cell, 16 + cell))
-    bright = lambda im: sum(1 for p in im.convert("L").getdata() if p > 150)  # noqa: E731
+    bright = lambda im: sum(1 for p in _pixels(im.convert("L")) if p > 150)  # noqa: E731
     assert 0 < bright(base) and 0 < bright(canvas)
 
 
@@ -91,3 +96,27 @@ def test_video_overlay_one_panel_per_token_frame():
     sheet = video_overlay(frames, torch.tensor([0, 5, 17, 30]), per_frame=4, boxes=uniform_boxes((64, 64), 2, 2),
                           frame_step=2)
     assert sheet.width == 4 * 256              # 8 frames / 2 per temporal patch = 4 panels in a row
+
+
+def test_grid_enlarges_small_images_by_a_whole_factor():
+    """A 64 px frame fills a 256 px cell 4x, nearest-neighbour (token edges stay sharp); a large one shrinks."""
+    small = Image.new("RGB", (64, 32), (0, 0, 0))
+    small.putpixel((0, 0), (255, 255, 255))
+    sheet = grid([small, Image.new("RGB", (1000, 500), (9, 9, 9))], cols=2)
+    assert sheet.size == (512, 256)
+    assert sheet.getpixel((3, 3)) == (255, 255, 255) and sheet.getpixel((4, 4)) == (0, 0, 0)   # one pixel -> 4 x 4
+    assert sheet.getpixel((256 + 128, 64)) == (9, 9, 9)
+
+
+def test_annotate_enlarges_and_titles_an_overlay():
+    from tokenprune.visualize import LEGEND, annotate
+
+    img = Image.new("RGB", (224, 224), (40, 120, 200))
+    out = annotate(img, ["hiprune (keep=0.25): 64 / 256 visual tokens kept; answer 'blue'", LEGEND])
+    assert out.width == 448 and out.height > 448                 # 2x, with a header above
+    head = out.crop((0, 0, 448, out.height - 448))
+    assert head.getpixel((447, 0)) == (255, 255, 255)              # white header ...
+    assert any(p < 100 for p in _pixels(head.convert("L")))         # ... with dark text in it
+    assert out.getpixel((0, out.height - 1)) == (40, 120, 200)     # the image below, unchanged in colour
+    wide = annotate(Image.new("RGB", (1024, 300)), ["a title " * 40])   # wrapped, never enlarged
+    assert wide.width == 1024 and wide.height > 300 + 2 * 18

@@ -1,7 +1,7 @@
 """Gradio demo: the same question answered by the unpruned and the pruned model, side by side,
 with the kept-token overlay, token counts, prefill times and the speedup.
 
-    tokenprune demo [--model PATH] [--port 7860]        (needs `pip install tokenprune[demo]`)
+    tokenprune demo [--model PATH] [--port 7860]        (needs `pip install "tokenprune[demo]"`)
 
 Offline: analytics off, no share link, no server-side rendering. One model is loaded; requests
 are serialised by the runner's lock, so concurrent users get what each would get alone.
@@ -14,6 +14,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
+from ._extras import require
 from .api import strategies_for
 from .config import parse_value
 from .errors import TokenPruneError
@@ -39,8 +40,9 @@ def parse_params(text: str) -> dict[str, Any]:
 def compare(runner: Runner, image: Any, question: str, strategy: str, keep: float, params: str,
             video: Any = None):
     """The app's one endpoint. Returns (unpruned answer, pruned answer, overlay, tokens, timing,
-    message); on bad input every output but the message is empty. ``video``: a file path (the
-    upload), used instead of the image when given."""
+    message); on bad input every output but the message is empty; the message warns of words of the
+    question the tokenizer does not know. ``video``: a file path (the upload), used instead of the
+    image when given."""
     from .runner import open_image, open_video
 
     empty = ("", "", None, "", "")
@@ -64,7 +66,8 @@ def compare(runner: Runner, image: Any, question: str, strategy: str, keep: floa
     timing = (f"prefill {full.prefill_ms:.1f} ms unpruned, {pruned.prefill_ms:.1f} ms pruned "
               f"(speedup {full.prefill_ms / pruned.prefill_ms:.2f}x); selection {pruned.prune_ms:.2f} ms; "
               f"FLOPs {pruned.flops_ratio:.2f}x")
-    return full.answer, pruned.answer, pruned.overlay, tokens, timing, ""
+    message = "\n\n".join(f"**Warning:** {w}" for w in pruned.warnings)
+    return full.answer, pruned.answer, pruned.overlay, tokens, timing, message
 
 
 def build(runner: Runner):
@@ -115,6 +118,7 @@ def free_port() -> int:
 
 def launch(model: str | None = None, device: str = "cpu", dtype: str = "float32", port: int = 7860,
            port_file: str | None = None, block: bool = True):
+    require("gradio", "demo", "tokenprune demo")      # before the model is loaded
     runner = Runner(model, device=device, dtype=dtype)
     app = build(runner)
     port = port or free_port()

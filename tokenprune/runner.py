@@ -4,8 +4,11 @@ a time), so concurrent users get exactly what each would get alone.
 """
 from __future__ import annotations
 
+import json
+import re
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,8 +17,8 @@ import torch
 from PIL import Image
 
 from . import api
-from .errors import ConfigError, TokenPruneError
-
+from ._extras import TORCHVISION, MissingExtraError, missing_message, require_all
+from .errors import ConfigError, TokenPruneError, TokenPruneWarning
 
 
 def _assets() -> Path:
@@ -30,6 +33,7 @@ ASSETS = _assets()
 DEFAULT_MODEL = ASSETS / "tiny-llava-vqa"
 DEFAULT_VIDEO_MODEL = ASSETS / "tiny-ov-video"     # `run --video` without --model
 DEFAULT_IMAGE = ASSETS / "demo.png"
+EXAMPLES = ASSETS / "examples" / "examples.json"     # questions the tiny models understand
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -46,6 +50,7 @@ class RunResult:
     kept_indices: list[torch.Tensor] = field(default_factory=list)     # per image of the prompt
     merge_groups: list[torch.Tensor | None] = field(default_factory=list)
     overlay: Image.Image | None = None
+    warnings: list[str] = field(default_factory=list)                   # e.g. unknown words of the prompt
 
     def as_dict(self) -> dict[str, Any]:
         return {"strategy": self.strategy, "params": self.params, "answer": self.answer,
@@ -60,6 +65,36 @@ def user_prompt(processor: Any, text: str, n_images: int = 1, n_videos: int = 0)
                + [{"type": "text", "text": text}])
     return processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
                                          add_generation_prompt=True)
+
+
+def unknown_words(tokenizer: Any, text: str) -> list[str]:
+    """The words of ``text`` that ``tokenizer`` maps to its unknown token, in order, each once; none
+    for a tokenizer without one (byte-level BPE reads everything)."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is None:
+        return []
+    if getattr(tokenizer, "is_fast", False):      # offsets name exactly the span that became unk
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        words = [text[a:b] for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]) if i == unk]
+    else:
+        words = [w for w in text.split() if unk in tokenizer(w, add_special_tokens=False)["input_ids"]]
+    return list(dict.fromkeys(w for w in words if w.strip()))
+
+
+def unknown_words_message(tokenizer: Any, text: str) -> str | None:
+    """A one-line warning naming the unknown words of ``text`` (None when there are none), with a
+    lowercase, punctuation-free rewording when the tokenizer knows more of that."""
+    words = unknown_words(tokenizer, text)
+    if not words:
+        return None
+    unk = getattr(tokenizer, "unk_token", None) or "the unknown token"
+    msg = (f"the tokenizer does not know {', '.join(map(repr, words))} in the prompt: it reads "
+           f"{'them' if len(words) > 1 else 'it'} as {unk}, so the answer is likely wrong")
+    plain = " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+    if plain != text and len(unknown_words(tokenizer, plain)) < len(words):
+        msg += f"; try {plain!r}"
+    return msg + (f". The embedded tiny models know only the words of their training questions: see {EXAMPLES} "
+                  "(and clips.json beside it for the video model)")
 
 
 def to_model(inputs: Any, model: Any, device: Any) -> dict[str, torch.Tensor]:
@@ -168,6 +203,26 @@ def open_video(path: str | Path, frames: int = VIDEO_FRAMES) -> Any:
     return arr[idx].astype(np.uint8)
 
 
+def _has_video_processor(path: Path) -> bool:
+    """Whether the checkpoint folder ``path`` saved a video processor (none: a hub id, or image-only)."""
+    if (path / "video_preprocessor_config.json").exists():
+        return True
+    cfg = path / "processor_config.json"
+    try:
+        return cfg.exists() and "video_processor" in json.loads(cfg.read_text())
+    except (OSError, ValueError):
+        return False                 # unreadable: loading it says what is wrong
+
+
+def _quiet_video_kwargs(processor: Any) -> dict[str, Any]:
+    """Qwen-VL's video processors (transformers >= 5.2x) warn on every call unless
+    ``cap_pixels_per_frame`` is set; False keeps the behaviour they have today (and of 5.17, which
+    has no such option: nothing is passed there)."""
+    vp = getattr(processor, "video_processor", None)
+    return {"cap_pixels_per_frame": False} if vp is not None and hasattr(vp, "cap_pixels_per_frame") \
+        and vp.cap_pixels_per_frame is None else {}
+
+
 class Runner:
     """A model + processor loaded once; ``run(image, question, strategy, **params)``."""
 
@@ -177,10 +232,16 @@ class Runner:
             raise ConfigError(f"the embedded default model is missing at {path}")
         if dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        if _has_video_processor(path):        # transformers' video processors import torchvision
+            require_all(f"the processor of {path.name} (a video model)", TORCHVISION)
         try:
             self.model, self.processor, _ = api.load(str(model or path), dtype=DTYPES[dtype])
         except TokenPruneError:
             raise
+        except ImportError as e:       # a hub id's processor (not checkable before the download)
+            if "torchvision" not in str(e).lower():
+                raise
+            raise MissingExtraError(missing_message(f"the processor of {model}", [TORCHVISION])) from None
         except (OSError, ValueError, KeyError) as e:
             raise ConfigError(f"cannot load a model from {model!r}: {e}") from None
         self.model.to(device)
@@ -195,7 +256,7 @@ class Runner:
         if "video" not in self.family.provides:
             raise ConfigError(f"{self.family.name} models take no video input; use a LLaVA-OneVision or "
                               "Qwen-VL checkpoint")
-        kw = self.family.video_processor_kwargs(video)
+        kw = {**_quiet_video_kwargs(self.processor), **self.family.video_processor_kwargs(video)}
         enc = self.processor(videos=[video], text=user_prompt(self.processor, question, 0, 1), return_tensors="pt",
                              **kw)
         return to_model(enc, self.model, self.device)
@@ -209,6 +270,9 @@ class Runner:
         if not question or not question.strip():
             raise ConfigError("no question given")
         inputs = self.inputs(image, question, video)
+        note = unknown_words_message(getattr(self.processor, "tokenizer", self.processor), question)
+        if note is not None:
+            warnings.warn(note, TokenPruneWarning, stacklevel=2)
         with self._lock:
             handle = api.apply(self.model, strategy, **params) if strategy else None
             try:
@@ -227,7 +291,7 @@ class Runner:
         masks = self.family.placeholder_masks((), {"input_ids": inputs["input_ids"]})
         n_in = int(sum(int(m.sum()) for m in masks.values()))
         res = RunResult(strategy=strategy or "none", params=params, answer=answer.strip(), tokens_in=n_in,
-                        tokens_kept=n_in, prefill_ms=prefill_ms)
+                        tokens_kept=n_in, prefill_ms=prefill_ms, warnings=[note] if note else [])
         if stats is not None:
             res.tokens_kept = int(stats.visual_tokens_kept[0])
             res.prune_ms, res.flops_ratio = stats.prune_ms, stats.flops_after / stats.flops_before

@@ -15,7 +15,10 @@ import math
 from typing import Any, Sequence
 
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
+
+#: the legend of every overlay (ASCII: the default font has no arrows)
+LEGEND = "bright = kept, dimmed = dropped, tinted = merged into a kept token"
 
 
 def _size_of(processor: Any) -> tuple[str, int, int]:
@@ -153,22 +156,69 @@ def overlay(image: Image.Image, kept: torch.Tensor | Sequence[int], boxes: torch
     return out
 
 
+def _font(size: int) -> Any:
+    """Pillow's default font at ``size`` px (scalable since Pillow 10.1; the fixed bitmap before)."""
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:
+        return ImageFont.load_default()
+
+
+def _fit(image: Image.Image, side: int) -> Image.Image:
+    """``image`` scaled to fit a ``side`` px square: small ones enlarged by a whole factor with
+    nearest-neighbour (token boxes stay crisp), large ones shrunk."""
+    factor = side // max(image.size)
+    if factor >= 2:
+        return image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST)
+    im = image.copy()
+    im.thumbnail((side, side))
+    return im
+
+
+def _wrap(text: str, font: Any, width: int, draw: ImageDraw.ImageDraw) -> list[str]:
+    """``text`` broken at spaces into lines of at most ``width`` px."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and draw.textlength(f"{lines[-1]} {word}", font=font) <= width:
+            lines[-1] += f" {word}"
+        else:
+            lines.append(word)
+    return lines or [""]
+
+
+def annotate(image: Image.Image, lines: Sequence[str], min_width: int = 448, size: int = 14) -> Image.Image:
+    """``image`` enlarged to at least ``min_width`` px wide (by a whole factor, nearest-neighbour)
+    under a white header of ``lines`` (title, legend), wrapped to the width: a PNG to read on its own."""
+    factor = max(1, math.ceil(min_width / image.width))
+    big = image.convert("RGB").resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST)
+    font, pad = _font(size), 6
+    draw = ImageDraw.Draw(big)
+    wrapped = [w for line in lines for w in _wrap(line, font, big.width - 2 * pad, draw)]
+    line_h = size + 4
+    head = 2 * pad + line_h * len(wrapped)
+    out = Image.new("RGB", (big.width, big.height + head), (255, 255, 255))
+    out.paste(big, (0, head))
+    d = ImageDraw.Draw(out)
+    for k, line in enumerate(wrapped):
+        d.text((pad, pad + k * line_h), line, fill=(0, 0, 0), font=font)
+    return out
+
+
 def grid(images: Sequence[Image.Image], titles: Sequence[str] | None = None, cols: int = 4,
          cell: int = 256) -> Image.Image:
-    """Images side by side (each fitted into ``cell`` px) with a title line above each; used for
-    frame grids of videos and for ``tokenprune compare``."""
+    """Images side by side (each fitted into ``cell`` px: small ones enlarged by a whole factor)
+    with a title line above each; used for frame grids of videos and for ``tokenprune compare``."""
     cols = max(1, min(cols, len(images)))
     rows = math.ceil(len(images) / cols)
     title_h = 16 if titles else 0
     sheet = Image.new("RGB", (cols * cell, rows * (cell + title_h)), (255, 255, 255))
-    d = ImageDraw.Draw(sheet)
+    d, font = ImageDraw.Draw(sheet), _font(12)
     for k, img in enumerate(images):
-        im = img.copy()
-        im.thumbnail((cell, cell))
+        im = _fit(img, cell)
         x, y = (k % cols) * cell, (k // cols) * (cell + title_h)
         sheet.paste(im, (x + (cell - im.width) // 2, y + title_h))
         if titles:
-            d.text((x + 4, y + 2), titles[k], fill=(0, 0, 0))
+            d.text((x + 4, y + 1), titles[k], fill=(0, 0, 0), font=font)
     return sheet
 
 

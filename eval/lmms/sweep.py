@@ -2,7 +2,7 @@
 a markdown table and a plot (score vs visual tokens kept, one line per strategy).
 
     tokenprune sweep --model assets/tiny-llava-vqa --tasks tokenprune_vqa \\
-        --strategies hiprune visionzip random --keeps 0.333 0.111 --out eval/results/sweep
+        --strategies hiprune visionzip random --keeps 0.333 0.111 --out ./tokenprune_out/sweep
 
 The model is loaded once (``strategy=none``); each grid point applies a strategy to it, runs
 ``lmms_eval.evaluator.simple_evaluate`` and removes the strategy. Local tasks of this package are
@@ -14,6 +14,8 @@ import argparse
 import os
 from pathlib import Path
 from typing import Any
+
+from tokenprune._extras import default_out, first_paragraph, require_all
 
 from ..results_io import save_results
 
@@ -103,25 +105,43 @@ def plot(res: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(prog="tokenprune sweep", description=__doc__.splitlines()[0])
+#: what a sweep imports beyond the core install (module, extra)
+NEEDS = (("lmms_eval", "eval"), ("tqdm", "eval"), ("matplotlib", "eval"))
+
+
+def parser() -> argparse.ArgumentParser:
     from tokenprune.runner import DEFAULT_MODEL
 
-    ap.add_argument("--model", default=str(DEFAULT_MODEL))
-    ap.add_argument("--tasks", nargs="+", default=["tokenprune_vqa"])
-    ap.add_argument("--strategies", nargs="+", default=["hiprune", "visionzip", "fastv", "random"])
-    ap.add_argument("--keeps", nargs="+", type=float, default=[0.333, 0.111])
-    ap.add_argument("--include_path", nargs="*", default=[])
-    ap.add_argument("--limit", type=int)
-    ap.add_argument("--batch_size", type=int, default=1)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--out", type=Path, default=Path("eval/results/sweep"))
-    a = ap.parse_args(argv)
+    ap = argparse.ArgumentParser(prog="tokenprune sweep", description=first_paragraph(__doc__),
+                                 epilog="Writes sweep.json, sweep.md and sweep.png to --out.")
+    ap.add_argument("--model", default=str(DEFAULT_MODEL), metavar="PATH",
+                    help="checkpoint folder or hub id (default: assets/tiny-llava-vqa)")
+    ap.add_argument("--tasks", nargs="+", default=["tokenprune_vqa"], metavar="TASK",
+                    help="lmms-eval task names (default: tokenprune_vqa, this package's synthetic VQA task)")
+    ap.add_argument("--strategies", nargs="+", default=["hiprune", "visionzip", "fastv", "random"], metavar="NAME",
+                    help="strategies of the grid (default: hiprune visionzip fastv random; unpruned always runs)")
+    ap.add_argument("--keeps", nargs="+", type=float, default=[0.333, 0.111], metavar="KEEP",
+                    help="keep ratios of the grid (default: 0.333 0.111)")
+    ap.add_argument("--include_path", nargs="*", default=[], metavar="DIR",
+                    help="more lmms-eval task folders (this package's tasks are always included)")
+    ap.add_argument("--limit", type=int, metavar="N", help="samples per task (default: all)")
+    ap.add_argument("--batch_size", type=int, default=1, metavar="N", help="samples per batch (default: 1)")
+    ap.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"],
+                    help="weights' dtype (default: float32)")
+    ap.add_argument("--out", type=Path, metavar="DIR", help="results folder (default: ./tokenprune_out/sweep)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    a = parser().parse_args(argv)
+    require_all("tokenprune sweep", *NEEDS)
+    out = a.out or default_out("sweep")
     res = sweep(a.model, a.tasks, a.strategies, a.keeps, a.include_path, a.limit, a.batch_size, a.device, a.dtype)
     md = to_markdown(res)
     print(md)
-    save_results(res, md, a.out, "sweep", plot)
+    save_results(res, md, out, "sweep", plot)
+    print(f"sweep: wrote sweep.json, sweep.md and sweep.png to {out}")
     return res
 
 

@@ -1,7 +1,8 @@
 """Fidelity benchmark: answer accuracy of every strategy vs visual tokens kept, on the trained tiny
 VQA model loaded with ``from_pretrained`` and fed through its real processor.
 
-    tokenprune fidelity [--model assets/tiny-llava-vqa] [--n 1000] [--out eval/results]
+    tokenprune fidelity [--model assets/tiny-llava-vqa] [--n 1000] [--out ./tokenprune_out/fidelity]
+    tokenprune fidelity --video ...      (the video benchmark: fidelity_video.py)
 
 Second metric, deterministic: *object recall* = share of the patches covered by an object that a
 strategy keeps (what the answer needs; random keeps the keep ratio).
@@ -16,12 +17,14 @@ every token and no selection can matter.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
 import tokenprune
+from tokenprune._extras import default_out, first_paragraph, require_all
 from tokenprune.runner import DEFAULT_MODEL, user_prompt
 
 from ..results_io import save_results
@@ -249,19 +252,42 @@ def plot(res: dict[str, Any], path: Path) -> None:
                   f"fidelity on synthetic VQA ({res['n']} questions)")
 
 
+#: what a fidelity run imports beyond the core install (module, extra)
+NEEDS = (("tqdm", "eval"), ("matplotlib", "eval"))
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="tokenprune fidelity", description=first_paragraph(__doc__),
+                                 epilog="Writes fidelity.json, fidelity.md and fidelity.png to --out.")
+    ap.add_argument("--video", action="store_true",
+                    help="the video benchmark instead: the tiny LLaVA-OneVision video model (assets/tiny-ov-video) "
+                         "and the video strategies (HoliTom), 300 clips by default; its options: "
+                         "tokenprune fidelity --video --help")
+    ap.add_argument("--model", default=str(DEFAULT_MODEL), metavar="PATH",
+                    help="a saved tiny VQA LLaVA folder (default: assets/tiny-llava-vqa)")
+    ap.add_argument("--n", type=int, default=1000, help="test questions (default: 1000)")
+    ap.add_argument("--strategies", nargs="*", default=list(STRATEGIES), metavar="ROW",
+                    help=f"rows: names, or name:param=value[,param=value] (default: {' '.join(STRATEGIES)})")
+    ap.add_argument("--controls", nargs="*", default=list(CONTROLS), metavar="NAME",
+                    help=f"control rows, of {list(CONTROLS)} (default: both; none given: no controls)")
+    ap.add_argument("--out", type=Path, metavar="DIR", help="results folder (default: ./tokenprune_out/fidelity)")
+    return ap
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(prog="tokenprune fidelity", description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=str(DEFAULT_MODEL))
-    ap.add_argument("--n", type=int, default=1000)
-    ap.add_argument("--strategies", nargs="*", default=list(STRATEGIES),
-                    help="rows: names, or name:param=value[,param=value] (e.g. fastv:layer=1)")
-    ap.add_argument("--controls", nargs="*", default=list(CONTROLS), help="control rows (none: no controls)")
-    ap.add_argument("--out", type=Path, default=Path("eval/results"))
-    a = ap.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--video" in argv:       # one command, two benchmarks: the video one parses its own options
+        from .fidelity_video import main as video_main
+
+        return video_main([x for x in argv if x != "--video"])
+    a = parser().parse_args(argv)
+    require_all("tokenprune fidelity", *NEEDS)
+    out = a.out or default_out("fidelity")
     res = run(a.model, a.n, tuple(a.strategies), controls=tuple(a.controls))
     md = to_markdown(res)
     print(md)
-    save_results(res, md, a.out, "fidelity", plot)
+    save_results(res, md, out, "fidelity", plot)
+    print(f"fidelity: wrote fidelity.json, fidelity.md and fidelity.png to {out}")
     return res
 
 

@@ -2,7 +2,7 @@
 trained tiny LLaVA-OneVision video model loaded with ``from_pretrained`` and fed through its real
 processor (8-frame synthetic clips: an object moves, appears or changes colour).
 
-    tokenprune fidelity --video [--model assets/tiny-ov-video] [--n 300] [--out eval/results]
+    tokenprune fidelity --video [--model assets/tiny-ov-video] [--n 300] [--out ./tokenprune_out/fidelity]
 
 Rows: HoliTom (outer + inner merge "M"), HoliTom w/o M (outer stage only), HoliTom at tau = 0.95 (a
 labelled sensitivity row: the paper's static threshold was set on a 7B model's features), and the image strategies
@@ -35,12 +35,14 @@ import numpy as np
 import torch
 
 import tokenprune
+from tokenprune._extras import TORCHVISION, default_out, first_paragraph, require_all
 from tokenprune.runner import user_prompt
 
 from ..results_io import save_results
 from ..tiny import ov_pooled_side
 from . import paired
 from .clips import FRAMES, ClipSample, clip_split, render_clips
+from .fidelity import NEEDS as FIDELITY_NEEDS
 from .fidelity import accuracy_plot, by_type, control_run, paired_section, summary, table
 
 KEEPS = (1.0, 0.5, 0.333, 0.222, 0.111, 0.056)
@@ -202,19 +204,31 @@ def plot(res: dict[str, Any], path: Path) -> None:
                   f"video fidelity on synthetic clips ({res['n']} questions)")
 
 
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="tokenprune fidelity --video", description=first_paragraph(__doc__),
+                                 epilog="Writes fidelity_video.json, fidelity_video.md and fidelity_video.png to --out.")
+    ap.add_argument("--model", default=None, metavar="PATH",
+                    help="a saved tiny video model folder (default: assets/tiny-ov-video)")
+    ap.add_argument("--n", type=int, default=300, help="test clips (default: 300)")
+    ap.add_argument("--strategies", nargs="*", default=None, metavar="ROW",
+                    help=f"rows, of {[r[0] for r in STRATEGIES]} (default: all)")
+    ap.add_argument("--controls", nargs="*", default=list(CONTROLS), metavar="NAME",
+                    help=f"control rows, of {list(CONTROLS)} (default: both; none given: no controls)")
+    ap.add_argument("--out", type=Path, metavar="DIR", help="results folder (default: ./tokenprune_out/fidelity)")
+    return ap
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(prog="tokenprune fidelity --video", description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=None, help="a saved video model folder (default: assets/tiny-ov-video)")
-    ap.add_argument("--n", type=int, default=300)
-    ap.add_argument("--strategies", nargs="*", default=None, help=f"rows, of {[r[0] for r in STRATEGIES]}")
-    ap.add_argument("--controls", nargs="*", default=list(CONTROLS), help="control rows (none: no controls)")
-    ap.add_argument("--out", type=Path, default=Path("eval/results"))
-    a = ap.parse_args(argv)
+    a = parser().parse_args(argv)
+    # the OneVision video processor imports torchvision
+    require_all("tokenprune fidelity --video", *FIDELITY_NEEDS, TORCHVISION)
+    out = a.out or default_out("fidelity")
     res = run(a.model, a.n, tuple(a.strategies) if a.strategies is not None else None,
               controls=tuple(a.controls))
     md = to_markdown(res)
     print(md)
-    save_results(res, md, a.out, "fidelity_video", plot)
+    save_results(res, md, out, "fidelity_video", plot)
+    print(f"fidelity --video: wrote fidelity_video.json, fidelity_video.md and fidelity_video.png to {out}")
     return res
 
 
