@@ -22,7 +22,6 @@ how many of the official-style kept tokens we keep too.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import math
 import os
 import platform
@@ -38,6 +37,8 @@ from typing import Any
 import torch
 
 import tokenprune
+from tokenprune._extras import MissingExtraError, require_all
+from tokenprune._extras import default_out as extras_default_out
 from tokenprune.api import family_for
 
 from .presets import PRESETS, BenchPreset, ModelPreset, build
@@ -391,16 +392,18 @@ NEEDS = ("matplotlib", "tqdm")
 
 
 def require(*modules: str, command: str = "tokenprune bench") -> None:
-    """Exit (status 2) with one line naming the missing ``modules``, before anything is measured."""
-    missing = [m for m in modules if importlib.util.find_spec(m) is None]
-    if missing:
-        print(f'error: {command} needs {" and ".join(missing)}; pip install "tokenprune[eval]"', file=sys.stderr)
-        raise SystemExit(2)
+    """Exit (status 2) with one line naming the missing ``modules`` (the [eval] extra), before
+    anything is measured."""
+    try:
+        require_all(command, *((m, "eval") for m in modules))
+    except MissingExtraError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def default_out() -> Path:
     """The user's working folder for results: ``./tokenprune_out/bench`` under the current directory."""
-    return Path.cwd() / "tokenprune_out" / "bench"
+    return extras_default_out("bench")
 
 
 def parser() -> argparse.ArgumentParser:
