@@ -135,6 +135,7 @@ def test_two_concurrent_users_get_what_each_gets_alone(server):
     assert alone[0][3].startswith("13 / 256") and alone[1][3].startswith("128 / 256")
 
 
+@pytest.mark.slow
 def test_browser_upload_slider_strategy_submit(server, tmp_path):
     if REQUIRE:
         import playwright.sync_api as sync_api

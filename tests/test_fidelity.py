@@ -38,11 +38,13 @@ def test_loads_offline_from_assets():
     assert sum(p.numel() for p in model.parameters()) < 10_000_000
 
 
+@pytest.mark.slow
 def test_unpruned_accuracy(result):
     assert result["unpruned"] >= UNPRUNED - TOL
     assert result["unpruned_by_type"]["color"] >= 0.95
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("key", sorted(FLOORS))
 def test_regression_floor(result, key):
     row = next(r for r in result["rows"] if (r["strategy"], r["keep"]) == key)
@@ -52,6 +54,7 @@ def test_regression_floor(result, key):
     assert row["kept"] == {0.333: 85, 0.111: 28}[key[1]]
 
 
+@pytest.mark.slow
 def test_benchmark_discriminates(result):
     """Random at 0.111 is clearly below unpruned, and attention-based selection finds the objects."""
     rows = {(r["strategy"], r["keep"]): r for r in result["rows"]}
@@ -92,6 +95,7 @@ def test_control_forward_equals_pruned_forward():
                                atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_rows_carry_per_question_results_for_paired_comparisons(result):
     """Every row saves which questions it got right (consistent with its accuracy), and the markdown
     compares the goal rows pairwise on the same questions."""
@@ -106,6 +110,7 @@ def test_rows_carry_per_question_results_for_paired_comparisons(result):
     assert "| 0.111 | hiprune vs visionzip |" in md and "| 0.333 | hiprune vs unpruned |" in md
 
 
+@pytest.mark.slow
 def test_controls_in_the_benchmark(result):
     rows = {(r["strategy"], r["keep"]): r for r in result["rows"]}
     for keep, kept in ((0.333, 85), (0.111, 28)):

@@ -39,11 +39,13 @@ def test_loads_offline_from_assets():
     assert sum(p.numel() for p in model.parameters()) < 10_000_000
 
 
+@pytest.mark.slow
 def test_unpruned_accuracy(result):
     assert result["unpruned"] >= UNPRUNED - TOL
     assert result["unpruned_by_type"]["turns"] >= 0.9 and result["unpruned_by_type"]["appears"] >= 0.9
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("key", sorted(FLOORS))
 def test_regression_floor(result, key):
     row = next(r for r in result["rows"] if (r["strategy"], r["keep"]) == key)
@@ -53,6 +55,7 @@ def test_regression_floor(result, key):
     assert row["kept"] == {0.333: 170, 0.111: 57}[key[1]]
 
 
+@pytest.mark.slow
 def test_benchmark_discriminates_by_event_recall(result):
     """HoliTom keeps most of what changes in the clip (its static tokens are what it merges);
     random keeps about its keep ratio."""
@@ -64,6 +67,7 @@ def test_benchmark_discriminates_by_event_recall(result):
     assert rows[("holitom", 0.111)]["event_recall"] >= rows[("hiprune", 0.111)]["event_recall"] + 0.1
 
 
+@pytest.mark.slow
 def test_benchmark_discriminates_by_answers(result):
     """The answers need the event's tokens (the first video model's did not): the unpatched model
     shown changed tokens first answers far better than shown static ones only, and random at 0.111
@@ -108,6 +112,7 @@ def test_video_control_forward_equals_pruned_forward():
     torch.testing.assert_close(masked, pruned, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_video_rows_carry_per_question_results_for_paired_comparisons(result):
     from tokenprune.eval.synthetic.fidelity_video import to_markdown
     from tokenprune.eval.synthetic.paired import decode
@@ -118,6 +123,7 @@ def test_video_rows_carry_per_question_results_for_paired_comparisons(result):
     assert "| 0.111 | holitom vs random |" in md and "| 0.333 | holitom (tau=0.95) vs holitom |" in md
 
 
+@pytest.mark.slow
 def test_video_controls_in_the_benchmark(result):
     rows = {(r["strategy"], r["keep"]): r for r in result["rows"]}
     for keep, kept in ((0.333, 170), (0.111, 57)):
@@ -125,6 +131,7 @@ def test_video_controls_in_the_benchmark(result):
         assert rows[("changed first", keep)]["event_recall"] >= 0.9
 
 
+@pytest.mark.slow
 def test_probe_reads_colour_and_shape_from_the_shipped_video_model():
     """The linear probe (eval/synthetic/probe_video.py) recovers colour and shape from the shipped
     model's tower output and LLM input (measured 93.1% / 91.1% for shape; the first video model's
@@ -137,6 +144,7 @@ def test_probe_reads_colour_and_shape_from_the_shipped_video_model():
     assert 0 < res["majority"]["colour"] < 0.5 and 0 < res["majority"]["shape"] < 1
 
 
+@pytest.mark.slow
 def test_holitom_tau_diagnostic():
     """eval/synthetic/holitom_tau: the changed tokens' fates partition them, tau None resolves to
     the official default, and the similarity quantiles are ordered (the README's numbers come from

@@ -50,6 +50,7 @@ def unpruned(tmp_path_factory):
                      f"pretrained={DEFAULT_MODEL},strategy=none,dtype=float32", "--batch_size", "1")
 
 
+@pytest.mark.slow
 def test_unpruned_metric_and_counts(unpruned):
     res, rows = unpruned
     assert res["results"][TASK]["exact_match,none"] >= 0.85 and len(rows) == N_DOCS
@@ -58,6 +59,7 @@ def test_unpruned_metric_and_counts(unpruned):
     assert all(r["token_counts"][0]["visual_tokens_kept"] == 256 and r["token_counts"][0]["ttft_ms"] > 0 for r in rows)
 
 
+@pytest.mark.slow
 def test_none_equals_lmms_evals_own_llava_hf_wrapper(unpruned, tmp_path):
     res, rows = lmms_eval(tmp_path, "llava_hf", f"pretrained={DEFAULT_MODEL},dtype=float32,device_map=cpu",
                           "--batch_size", "1")
@@ -69,6 +71,7 @@ def test_none_equals_lmms_evals_own_llava_hf_wrapper(unpruned, tmp_path):
     ("strategy=hiprune,keep=0.111,alpha=0.1", ("--batch_size", "4"), 28),
     ("strategy=visionzip,budget=40,dominant=30", ("--batch_size", "2", "--force_simple"), 40),
 ])
+@pytest.mark.slow
 def test_pruned_runs_record_tokens_per_sample(unpruned, tmp_path, args, extra, kept):
     res, rows = lmms_eval(tmp_path, "tokenprune", f"pretrained={DEFAULT_MODEL},dtype=float32,{args}", *extra)
     score = res["results"][TASK]["exact_match,none"]
@@ -95,6 +98,7 @@ def test_sweep_writes_table_and_plot(tmp_path):
     assert (tmp_path / "sweep.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_two_processes_with_torchrun_equal_one(tmp_path):
     """Data-parallel launch (torchrun, gloo on CPU): documents are sharded and gathered; the result
     equals the single-process run."""

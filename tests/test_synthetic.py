@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from eval.research.train import encode_batch
@@ -66,6 +67,7 @@ def test_training_inputs_equal_processor_inputs():
         assert (labels[i][:len(ref)] == -100).all()
 
 
+@pytest.mark.slow
 def test_training_command_smoke(tmp_path):
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 

@@ -260,7 +260,7 @@ class PruneHandle:
             sel = fam.selection_module
             if fam.select_at_lm:      # keep the scores; select at the LLM input (packed layout)
                 self._add(sel.register_forward_hook(self._record_raw))
-            elif fam.select_on_output:
+            elif fam.select_on_output or self.vspec.features == "llm":   # LLM-space features: after the projector
                 self._add(sel.register_forward_hook(self._selection_on_output))
             else:
                 self._add(sel.register_forward_pre_hook(self._selection_on_input))

@@ -57,7 +57,7 @@ class ScoreRequest:
 class VisualTokens:
     """One image's tokens as a strategy sees them (CLS column already removed).
 
-    ``grid``: (h, w); ``features``: [N, D] projector-input features (N = h*w);
+    ``grid``: (h, w); ``features``: [N, D] at the selection point (``StrategySpec.features``) (N = h*w);
     ``scores[(layer, kind)]``: [N] for "cls"/"mean", [N, d] for "keys".
     """
 
@@ -110,6 +110,11 @@ class StrategySpec(Generic[C]):
     unit: Literal["frame", "video"] = "frame"
     #: "select": images are pruned too; "keep": images pass through unchanged (video-only methods)
     images: Literal["select", "keep"] = "select"
+    #: what ``VisualTokens.features`` holds: "encoder" = the family's selection point (LLaVA-1.5:
+    #: the projector input, vision-encoder space; Qwen-VL and the anyres families: the LLM-input
+    #: tokens); "llm" = always the LLM-input (projected) tokens, so LLaVA-1.5 selects on the
+    #: projector's output (methods defined on the LLM's visual tokens, e.g. DivPrune)
+    features: Literal["encoder", "llm"] = "encoder"
     #: for a vision-stage method with its own inner-LLM stage (HoliTom's "M"): config ->
     #: (inner strategy name, its parameters), or None when switched off
     inner: Callable[[C], "tuple[str, dict[str, Any]] | None"] | None = None
