@@ -207,3 +207,16 @@ def test_parse_command_parses_like_main_and_runs_nothing(no_model_load):
         with pytest.raises(SystemExit) as e:
             parse_command(bad)
         assert e.value.code == 2
+
+
+def test_the_summary_counts_content_tokens_and_names_the_layout_ones():
+    """A OneVision video: 512 content tokens + 1 newline reach the LLM; the budget counts content only,
+    so the summary says 512 -> 77 and names the newline apart (the JSON keeps the raw counts)."""
+    from tokenprune.cli import summary
+    from tokenprune.runner import RunResult
+
+    res = RunResult(strategy="holitom", params={"keep": 0.15}, answer="red", tokens_in=513, tokens_kept=78,
+                    prefill_ms=10.0, layout_tokens=1)
+    line = next(x for x in summary("m", "q", res, None).splitlines() if x.startswith("visual tokens"))
+    assert "512" in line and "77 kept (15%)" in line and "+ 1 newline token" in line
+    assert res.as_dict()["layout_tokens"] == 1 and res.as_dict()["visual_tokens_in"] == 513

@@ -133,3 +133,19 @@ def test_inner_merge_reproduces_the_sequential_average_and_offers_the_mean():
     assert torch.equal(merge_into_kept(hidden, torch.arange(20)), hidden)
     with pytest.raises(ValueError):
         merge_into_kept(hidden, keep, weighting="bogus")
+
+
+def test_static_clusters_use_the_official_neighbourhood_k_min_of_K_and_clusters():
+    """A window whose static positions get fewer clusters than K (= 7) scores density over
+    k = min(K, clusters) neighbours, as the official caller passes it (not min(K, points))."""
+    from tokenprune.strategies.holitom import DPC_K
+
+    x = _video(5, frames=2, pos=16)
+    x[1] = x[0]                                     # one window of 2 frames, every position static
+    sel = holitom_outer(x, torch.rand(2, 16), n_keep=3)
+    static = x[0:2].float().mean(0).to(x.dtype)
+    official, _ = dpc_knn(static, 3, min(DPC_K, 3))
+    assert sel.segments == [(0, 1)] and torch.equal(sel.positions.sort().values, official.sort().values)
+    # the case discriminates: density over min(K, points) = 7 neighbours picks other centres here
+    other, _ = dpc_knn(static, 3, min(DPC_K, 16))
+    assert not torch.equal(official, other)

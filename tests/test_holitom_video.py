@@ -14,6 +14,7 @@ from test_qwen import hand_fed, recorded_vision, row_map, spans, visual_mask
 import tokenprune
 from tokenprune.eval.tiny import QWEN_KINDS, build_qwen, qwen_batch, qwen_inputs
 from tokenprune.strategies.holitom import holitom_in_place, merge_into_kept
+from tokenprune.testing import cache_kwarg, output_cache
 
 VIDEO = (4, 8, 8)          # 4 temporal groups of 4 x 4 tokens = 64 tokens
 KEEP = 0.25                # -> 16 video tokens
@@ -305,11 +306,11 @@ def test_stacking_on_llava_equals_layerwise_reference():
         g = model.generate(**inp, max_new_tokens=4, do_sample=False)
         seq, cache = [], None
         o = model(**inp, use_cache=True)
-        cache, tok = o.past_key_values, o.logits[:, -1].argmax(-1, keepdim=True)
+        cache, tok = output_cache(o), o.logits[:, -1].argmax(-1, keepdim=True)
         for _ in range(4):
             seq.append(tok)
-            o = model(input_ids=tok, past_key_values=cache, use_cache=True)
-            cache, tok = o.past_key_values, o.logits[:, -1].argmax(-1, keepdim=True)
+            o = model(input_ids=tok, **{cache_kwarg(): cache}, use_cache=True)
+            cache, tok = output_cache(o), o.logits[:, -1].argmax(-1, keepdim=True)
     assert torch.equal(torch.cat(seq, 1), g[:, -4:])
 
 

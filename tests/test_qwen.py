@@ -14,6 +14,7 @@ import torch
 
 import tokenprune
 from tokenprune.eval.tiny import QWEN_IDS, QWEN_KINDS, build_qwen, qwen_batch, qwen_inputs
+from tokenprune.testing import cache_kwarg, output_cache
 
 STRATEGIES = [s for s in tokenprune.list_strategies() if s != "holitom"]   # HoliTom: test_holitom_video.py
 INNER = [s for s in STRATEGIES if tokenprune.registry.get_strategy(s).stage == "llm"]
@@ -203,11 +204,11 @@ def test_manual_decode_loop_equals_generate(qm, name):
     with torch.no_grad():
         g = model.generate(**inp, max_new_tokens=4, do_sample=False)
         out = model(**inp, use_cache=True)
-        cache, tok, seq = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True), []
+        cache, tok, seq = output_cache(out), out.logits[:, -1].argmax(-1, keepdim=True), []
         for _ in range(4):
             seq.append(tok)
-            out = model(input_ids=tok, past_key_values=cache, use_cache=True)
-            cache, tok = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+            out = model(input_ids=tok, **{cache_kwarg(): cache}, use_cache=True)
+            cache, tok = output_cache(out), out.logits[:, -1].argmax(-1, keepdim=True)
     assert torch.equal(torch.cat(seq, 1), g[:, -4:])
 
 

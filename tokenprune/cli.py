@@ -90,12 +90,15 @@ def _described(res: RunResult) -> str:
 
 def summary(model: str, question: str, res: RunResult, overlay: str | None) -> str:
     """The few lines ``tokenprune run`` prints by default (``--json`` for everything)."""
-    share = f" ({100 * res.tokens_kept / res.tokens_in:.0f}%)" if res.tokens_in else ""
+    n_in, n_kept, n_layout = res.tokens_in - res.layout_tokens, res.tokens_kept - res.layout_tokens, res.layout_tokens
+    share = f" ({100 * n_kept / n_in:.0f}%)" if n_in else ""
+    layout = (f" + {n_layout} newline token{'s' if n_layout > 1 else ''} (layout: always kept, not in the budget)"
+              if n_layout else "")
     lines = [f"model:          {model}",
              f"question:       {question}",
              f"strategy:       {_described(res)}",
              f"answer:         {res.answer!r}",
-             f"visual tokens:  {res.tokens_in} {_arrow()} {res.tokens_kept} kept{share}",
+             f"visual tokens:  {n_in} {_arrow()} {n_kept} kept{share}{layout}",
              f"prefill:        {res.prefill_ms:.1f} ms (token selection {res.prune_ms:.1f} ms of it); "
              f"FLOPs {res.flops_ratio:.2f}x of unpruned"]
     if overlay:

@@ -46,6 +46,8 @@ class RunResult:
     tokens_kept: int
     prefill_ms: float
     prune_ms: float = 0.0
+    #: of tokens_in / tokens_kept: layout tokens (LLaVA-NeXT / OneVision newlines), always kept, not budgeted
+    layout_tokens: int = 0
     flops_ratio: float = 1.0
     kept_indices: list[torch.Tensor] = field(default_factory=list)     # per image of the prompt
     merge_groups: list[torch.Tensor | None] = field(default_factory=list)
@@ -55,6 +57,7 @@ class RunResult:
     def as_dict(self) -> dict[str, Any]:
         return {"strategy": self.strategy, "params": self.params, "answer": self.answer,
                 "visual_tokens_in": self.tokens_in, "visual_tokens_kept": self.tokens_kept,
+                "layout_tokens": self.layout_tokens,
                 "prefill_ms": round(self.prefill_ms, 2), "prune_ms": round(self.prune_ms, 2),
                 "flops_ratio": round(self.flops_ratio, 3), "kept_indices": [t.tolist() for t in self.kept_indices]}
 
@@ -294,6 +297,7 @@ class Runner:
                         tokens_kept=n_in, prefill_ms=prefill_ms, warnings=[note] if note else [])
         if stats is not None:
             res.tokens_kept = int(stats.visual_tokens_kept[0])
+            res.layout_tokens = int(stats.layout_tokens[0]) if stats.layout_tokens else 0
             res.prune_ms, res.flops_ratio = stats.prune_ms, stats.flops_after / stats.flops_before
             res.kept_indices = list(stats.kept_indices[0])
             res.merge_groups = list(stats.merge_groups[0]) if stats.merge_groups else [None] * len(res.kept_indices)

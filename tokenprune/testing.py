@@ -124,6 +124,12 @@ def cache_kwarg() -> str:
         else "past_key_values"
 
 
+def output_cache(out: Any) -> Any:
+    """The KV cache of a model output: ``cache`` (5.2x), else ``past_key_values``."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
 @torch.no_grad()
 def generate(model: Any, inp: dict[str, Any], case: FamilyCase, **kw: Any) -> Any:
     kw.setdefault("do_sample", False)
@@ -565,7 +571,7 @@ class ConformanceSuite:
 
     def _first_turn(self, model: nn.Module, inp: dict[str, Any], case: FamilyCase):
         out = generate(model, inp, case, return_dict_in_generate=True)
-        cache = getattr(out, "cache", None) or out.past_key_values
+        cache = output_cache(out)
         turn2 = torch.randint(10, 40, (1, 5), generator=torch.Generator().manual_seed(3))
         conv = torch.cat([out.sequences, turn2], 1)
         full = dict(inp, input_ids=conv, attention_mask=torch.ones_like(conv))

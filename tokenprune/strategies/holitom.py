@@ -208,7 +208,8 @@ def holitom_outer(features: torch.Tensor, scores: torch.Tensor, n_keep: int, tau
         if kind == "static":
             s, e = seg_of[f]
             x = features[s:e + 1, pos].float().mean(0).to(features.dtype)     # [n_static, D]
-            centres, assign = dpc_knn(x, q, k)
+            # the official caller's neighbourhood: k = min(K, clusters of the window), not min(K, points)
+            centres, assign = dpc_knn(x, q, min(k, q))
             feats.append(merge_clusters(x, centres, assign, beta))
             chosen = pos[centres]
             owner[s:e + 1, pos] = (n_out + assign)[None]   # every frame of the window joins the cluster
