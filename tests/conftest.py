@@ -110,7 +110,9 @@ def expected_selections(handle, model, px):
             else:
                 k = keys[r.layer][i]
                 scores[(r.layer, "keys")] = k.reshape(k.shape[0], heads, -1).float().mean(1)[1:]
-        tokens = VisualTokens(grid=info.grid, features=feats[i], scores=scores)
+        # a strategy on LLM-space features (StrategySpec.features == "llm") sees the projector output
+        f_sel = model.model.multi_modal_projector(feats[i]) if handle.spec.features == "llm" else feats[i]
+        tokens = VisualTokens(grid=info.grid, features=f_sel, scores=scores)
         n_keep = handle.config.tokens_for(handle.family.tokens_per_image) - handle.family.num_prefix
         sels.append(handle.spec.select(handle.config, tokens, n_keep, info))
     return sels, feats

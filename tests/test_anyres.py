@@ -15,7 +15,9 @@ import torch
 import tokenprune
 from tokenprune.eval.tiny import ANYRES_IDS, ANYRES_KINDS, anyres_inputs, build_anyres, build_anyres_processor, random_image, random_video
 
-STRATEGIES = [s for s in tokenprune.list_strategies() if s != "holitom"]
+# image-pruning strategies (the video-only ones, HoliTom and EVS, pass images whole: test_holitom_video.py,
+# test_strategy_evs.py)
+STRATEGIES = [s for s in tokenprune.list_strategies() if tokenprune.registry.get_strategy(s).images == "select"]
 INNER = [s for s in STRATEGIES if tokenprune.registry.get_strategy(s).stage == "llm"]
 VISION = [s for s in STRATEGIES if s not in INNER]
 KEEP = 0.3

@@ -16,7 +16,9 @@ import tokenprune
 from tokenprune.eval.tiny import QWEN_IDS, QWEN_KINDS, build_qwen, qwen_batch, qwen_inputs
 from tokenprune.testing import cache_kwarg, output_cache
 
-STRATEGIES = [s for s in tokenprune.list_strategies() if s != "holitom"]   # HoliTom: test_holitom_video.py
+# image-pruning strategies (the video-only ones, HoliTom and EVS, pass images whole: test_holitom_video.py,
+# test_strategy_evs.py)
+STRATEGIES = [s for s in tokenprune.list_strategies() if tokenprune.registry.get_strategy(s).images == "select"]
 INNER = [s for s in STRATEGIES if tokenprune.registry.get_strategy(s).stage == "llm"]
 VISION = [s for s in STRATEGIES if s not in INNER]
 # one image of 8x12 patches (24 tokens), one video of 2 temporal patches x 8x8 (2 x 16 tokens)
