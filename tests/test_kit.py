@@ -16,10 +16,12 @@ class TestBuiltins(ConformanceSuite):
 
 
 class TestLlavaParameterVariants(ConformanceSuite):
-    """Parameters that change which code path runs (FoPru's modes, FastV / HoliTom-M at K=1)."""
+    """Parameters that change which code path runs (FoPru's modes, FastV / HoliTom-M at K=1, PruMerge's variants)."""
     cases = builtin_cases()[:1]
     strategies = [("fopru", {"mode": "rank"}), ("fopru", {"mode": "row"}), ("fastv", {"layer": 1}),
-                  ("holitom_inner", {"layer": 1, "weighting": "mean"})]
+                  ("holitom_inner", {"layer": 1, "weighting": "mean"}),
+                  # without its merge PruMerge+ is a pure selection: the hand-fed equality runs too
+                  ("prumerge", {"merge": False}), ("prumerge", {"merge": False, "plus": False})]
 
 
 def test_every_bench_preset_gets_its_inputs_from_its_family():
