@@ -171,3 +171,18 @@ def test_pruned_generation_stops_after_the_answer(strategy):
     stops = gen[:, 1] == eos
     assert first.float().mean() >= 0.8
     assert (first & stops).sum() >= first.sum() - 2, (first.sum(), (first & stops).sum())
+
+
+def test_merging_adds_rows_on_the_same_questions_only():
+    """--merge: new rows replace the same (strategy, keep) or join before the controls; results of
+    other questions are refused (paired comparisons need the same questions)."""
+    from tokenprune.eval.synthetic.fidelity import merge_results
+
+    base = {"n": 2, "tokens": 4, "unpruned_right": "a", "rows": [
+        {"strategy": "hiprune", "keep": 0.5}, {"strategy": "objects first", "keep": 0.5, "control": True}]}
+    new = {"n": 2, "tokens": 4, "unpruned_right": "a", "rows": [
+        {"strategy": "hiprune", "keep": 0.5, "accuracy": 1.0}, {"strategy": "divprune", "keep": 0.5}]}
+    rows = merge_results(base, new)["rows"]
+    assert [r["strategy"] for r in rows] == ["hiprune", "divprune", "objects first"] and rows[0]["accuracy"] == 1.0
+    with pytest.raises(ValueError, match="same questions"):
+        merge_results(base, {**new, "unpruned_right": "b"})

@@ -35,7 +35,8 @@ class BenchPreset:
     repeats: int
     warmup: int
     decode_tokens: int
-    strategies: tuple[str, ...] = ("hiprune", "fopru", "visionzip", "fastv", "random", "pool")
+    strategies: tuple[str, ...] = ("hiprune", "fopru", "visionzip", "fastv", "random", "pool", "divprune", "vispruner",
+                                   "prumerge")
     reference: tuple[str, ...] = ("hiprune", "fopru", "visionzip")
     capture_batch: int | None = None   # extra vision-only batch for the capture-overhead goal
     extra: dict[str, Any] = field(default_factory=dict)
@@ -152,7 +153,7 @@ def llava_onevision_7b_config():
                                 vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9")
 
 
-VIDEO_STRATEGIES = ("holitom", "hiprune", "visionzip", "fastv", "random", "pool")
+VIDEO_STRATEGIES = ("holitom", "evs", "hiprune", "visionzip", "fastv", "random", "pool")
 
 PRESETS: dict[str, BenchPreset] = {
     "tiny": BenchPreset(

@@ -35,12 +35,16 @@ from .splits import Sample, split
 KEEPS = (1.0, 0.5, 0.333, 0.222, 0.111, 0.056)
 #: rows: a strategy name, or ``name:param=value[,param=value]``. FastV's paper K = 2 is 2 of 32 LLM
 #: layers; on this 4-layer LLM it leaves half the LLM seeing every token, so K = 1 is the closer row.
-STRATEGIES = ("hiprune", "visionzip", "fopru", "fastv", "fastv:layer=1", "random", "pool", "holitom_inner")
+STRATEGIES = ("hiprune", "visionzip", "fopru", "fastv", "fastv:layer=1", "random", "pool", "holitom_inner", "divprune",
+              "vispruner", "prumerge")
 CONTROLS = ("objects first", "background only")
 #: paired comparisons reported under the table (:mod:`.paired`): the issue's goals (HiPrune vs
 #: unpruned; the papers' ordering HiPrune >= VisionZip > FastV, random, pool) and the object oracle
 PAIRS = (("hiprune", "unpruned"), ("hiprune", "visionzip"), ("visionzip", "fastv (layer=1)"), ("visionzip", "fastv"),
-         ("visionzip", "random"), ("visionzip", "pool"), ("objects first", "hiprune"))
+         ("visionzip", "random"), ("visionzip", "pool"), ("objects first", "hiprune"),
+         # the methods added in issue 27, each against the strongest row and against random
+         ("divprune", "hiprune"), ("divprune", "random"), ("vispruner", "hiprune"), ("vispruner", "random"),
+         ("prumerge", "hiprune"), ("prumerge", "random"))
 PAIR_KEEPS = (0.333, 0.111)
 
 
@@ -180,6 +184,30 @@ def run(model_path: str | Path = DEFAULT_MODEL, n: int = 1000, strategies: tuple
     return res
 
 
+def merge_results(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """``old`` with ``new``'s rows added or replacing the rows of the same (strategy, keep): how a
+    benchmark gains rows without re-running the others. Refused unless both were run on the same
+    questions with the same unpruned answers (what paired comparisons need)."""
+    same = ("n", "tokens", "unpruned_right")
+    if any(old.get(k) != new.get(k) for k in same):
+        raise ValueError("the results to merge were not run on the same questions and model "
+                         f"(they differ in {[k for k in same if old.get(k) != new.get(k)]})")
+    fresh = {(r["strategy"], r["keep"]): r for r in new["rows"]}
+    rows = [fresh.pop((r["strategy"], r["keep"]), r) for r in old["rows"]]
+    added = list(fresh.values())
+    n_strategies = sum(1 for r in rows if not r.get("control"))
+    rows[n_strategies:n_strategies] = [r for r in added if not r.get("control")]   # strategies before controls
+    rows += [r for r in added if r.get("control")]
+    return {**old, "rows": rows}
+
+
+def load_for_merge(path: Path | None, new: dict[str, Any]) -> dict[str, Any]:
+    """``new`` merged into the results file ``path`` (``--merge``), or ``new`` itself."""
+    import json
+
+    return new if path is None else merge_results(json.loads(Path(path).read_text()), new)
+
+
 def table(res: dict[str, Any], header: str, metric: str = "object_recall") -> str:
     """Markdown: one line of ``header`` (summary), then accuracy (%) per strategy x keep ratio with
     ``metric`` (a share) in brackets."""
@@ -271,6 +299,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--controls", nargs="*", default=list(CONTROLS), metavar="NAME",
                     help=f"control rows, of {list(CONTROLS)} (default: both; none given: no controls)")
     ap.add_argument("--out", type=Path, metavar="DIR", help="results folder (default: ./tokenprune_out/fidelity)")
+    ap.add_argument("--merge", type=Path, metavar="JSON",
+                    help="add the rows run now to this earlier fidelity.json (same --n and model: the same "
+                         "questions), replacing rows of the same strategy and keep; writes the merged results")
     return ap
 
 
@@ -283,7 +314,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     a = parser().parse_args(argv)
     require_all("tokenprune fidelity", *NEEDS)
     out = a.out or default_out("fidelity")
-    res = run(a.model, a.n, tuple(a.strategies), controls=tuple(a.controls))
+    res = load_for_merge(a.merge, run(a.model, a.n, tuple(a.strategies), controls=tuple(a.controls)))
     md = to_markdown(res)
     print(md)
     save_results(res, md, out, "fidelity", plot)

@@ -43,7 +43,7 @@ from ..tiny import ov_pooled_side
 from . import paired
 from .clips import FRAMES, ClipSample, clip_split, render_clips
 from .fidelity import NEEDS as FIDELITY_NEEDS
-from .fidelity import accuracy_plot, by_type, control_run, paired_section, summary, table
+from .fidelity import accuracy_plot, by_type, control_run, load_for_merge, paired_section, summary, table
 
 KEEPS = (1.0, 0.5, 0.333, 0.222, 0.111, 0.056)
 #: (row name, strategy, extra params)
@@ -59,12 +59,17 @@ STRATEGIES: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("fastv (layer=1)", "fastv", {"layer": 1}),        # K = 2 is half of this 4-layer LLM (paper: 2 of 32)
     ("random", "random", {}),
     ("pool", "pool", {}),
+    ("evs", "evs", {}),                                  # vLLM's video method
+    ("divprune", "divprune", {}),
+    ("vispruner", "vispruner", {}),
 )
 #: paired comparisons under the table (:mod:`.paired`): HoliTom against the baselines and its own
 #: variants, and the per-frame selections against each other
 PAIRS = (("holitom", "random"), ("holitom w/o M", "holitom"), ("holitom (tau=0.95)", "holitom"),
          ("holitom (tau=0.95)", "hiprune"), ("hiprune", "visionzip"), ("hiprune", "fastv"), ("hiprune", "random"),
-         ("pool", "random"))
+         ("pool", "random"),
+         # the methods added in issue 27: vLLM's EVS against HoliTom and random; the image methods per frame
+         ("evs", "holitom"), ("evs", "random"), ("divprune", "hiprune"), ("vispruner", "hiprune"))
 PAIR_KEEPS = (0.333, 0.111, 0.056)     # 0.056: where HoliTom's static threshold costs most here
 CONTROLS = {"changed first": "objects first", "static only": "background only"}   # -> fidelity.control_keep
 TEST_SEED = 20_000
@@ -215,6 +220,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--controls", nargs="*", default=list(CONTROLS), metavar="NAME",
                     help=f"control rows, of {list(CONTROLS)} (default: both; none given: no controls)")
     ap.add_argument("--out", type=Path, metavar="DIR", help="results folder (default: ./tokenprune_out/fidelity)")
+    ap.add_argument("--merge", type=Path, metavar="JSON",
+                    help="add the rows run now to this earlier fidelity_video.json (same --n and model: the same "
+                         "clips), replacing rows of the same strategy and keep; writes the merged results")
     return ap
 
 
@@ -223,8 +231,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # the OneVision video processor imports torchvision
     require_all("tokenprune fidelity --video", *FIDELITY_NEEDS, TORCHVISION)
     out = a.out or default_out("fidelity")
-    res = run(a.model, a.n, tuple(a.strategies) if a.strategies is not None else None,
-              controls=tuple(a.controls))
+    res = load_for_merge(a.merge, run(a.model, a.n, tuple(a.strategies) if a.strategies is not None else None,
+                                      controls=tuple(a.controls)))
     md = to_markdown(res)
     print(md)
     save_results(res, md, out, "fidelity_video", plot)

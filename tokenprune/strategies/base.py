@@ -12,7 +12,7 @@ from typing import Any, Callable, Generic, Literal, TypeVar
 
 import torch
 
-from ..config import PruneConfig
+from ..config import ConfigError, PruneConfig
 
 #: capabilities a family can provide and a strategy can need
 CAPABILITIES = ("cls_attention", "mean_attention", "keys", "features", "llm_attention", "video")
@@ -119,6 +119,17 @@ class StrategySpec(Generic[C]):
     #: (inner strategy name, its parameters), or None when switched off
     inner: Callable[[C], "tuple[str, dict[str, Any]] | None"] | None = None
     paper: str = ""
+
+
+def attention_kind(choice: str, info: VisionInfo, option: str, error: type[Exception] = ConfigError) -> ScoreKind:
+    """The score kind an ``"auto" | "cls" | "mean"`` option means for this encoder: ``"auto"`` is
+    CLS attention where the tower has a CLS token, else the mean attention each token receives;
+    an explicit ``"cls"`` on a tower without one raises ``error`` naming ``option``."""
+    if choice == "auto":
+        return "cls" if info.has_cls else "mean"
+    if choice == "cls" and not info.has_cls:
+        raise error(f"{option}='cls' needs a vision tower with a CLS token; this one has none (use 'mean' or 'auto')")
+    return choice  # type: ignore[return-value]
 
 
 def rank_desc(score: torch.Tensor) -> torch.Tensor:

@@ -90,7 +90,7 @@ import torch.nn.functional as F
 from ..config import ConfigError, PruneConfig, check_range
 from ..errors import IncompatibleStrategyError
 from ..registry import register_strategy
-from .base import ScoreRequest, Selection, StrategySpec, VisionInfo, VisualTokens, mask_to_indices, rank_desc
+from .base import ScoreRequest, Selection, StrategySpec, VisionInfo, VisualTokens, attention_kind, mask_to_indices, rank_desc
 
 SCORES = ("auto", "cls", "mean")
 
@@ -136,13 +136,7 @@ def score_layer(cfg: PruMergeConfig, info: VisionInfo) -> int:
 
 def score_kind(cfg: PruMergeConfig, info: VisionInfo) -> str:
     """"cls" or "mean" for this encoder."""
-    if cfg.score == "auto":
-        return "cls" if info.has_cls else "mean"
-    if cfg.score == "cls" and not info.has_cls:
-        raise IncompatibleStrategyError(
-            "prumerge with score='cls' needs a vision tower with a CLS token; this one has none "
-            "(use score='auto' or 'mean' for the attention-received substitute)")
-    return cfg.score
+    return attention_kind(cfg.score, info, "prumerge's score", IncompatibleStrategyError)
 
 
 def iqr_outlier_count(score: torch.Tensor, iqr_scale: float = 1.5) -> torch.Tensor:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from ..config import ConfigError, PruneConfig, check_range
 from ..registry import register_strategy
-from .base import ScoreRequest, Selection, StrategySpec, VisionInfo, VisualTokens, mask_to_indices, rank_desc, topk_indices
+from .base import ScoreRequest, Selection, StrategySpec, VisionInfo, VisualTokens, attention_kind, mask_to_indices, rank_desc, topk_indices
 
 DOMINANT_SHARE = 54 / 64
 
@@ -158,12 +158,7 @@ def visionzip_select_batch(cls_score: torch.Tensor, keys: torch.Tensor, features
 
 def dominant_kind(cfg: VisionZipConfig, info: VisionInfo) -> str:
     """Score kind that ranks dominant tokens for this encoder ("cls" or "mean")."""
-    if cfg.dominant_score == "auto":
-        return "cls" if info.has_cls else "mean"
-    if cfg.dominant_score == "cls" and not info.has_cls:
-        raise ConfigError("dominant_score='cls' needs a vision tower with a CLS token; this one has none "
-                          "(use 'mean' or 'auto')")
-    return cfg.dominant_score
+    return attention_kind(cfg.dominant_score, info, "dominant_score")
 
 
 def _requests(cfg: VisionZipConfig, info: VisionInfo) -> list[ScoreRequest]:

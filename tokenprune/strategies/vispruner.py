@@ -70,7 +70,7 @@ import torch.nn.functional as F
 
 from ..config import ConfigError, PruneConfig, check_range
 from ..registry import register_strategy
-from .base import ScoreRequest, Selection, StrategySpec, VisionInfo, VisualTokens
+from .base import ScoreRequest, Selection, StrategySpec, VisionInfo, VisualTokens, attention_kind
 
 SCORES = ("auto", "cls", "mean")
 
@@ -170,12 +170,7 @@ def vispruner_select(score: torch.Tensor, features: torch.Tensor, n_important: i
 
 def important_kind(cfg: VisPrunerConfig, info: VisionInfo) -> str:
     """Score kind that ranks important tokens for this encoder ("cls" or "mean")."""
-    if cfg.important_score == "auto":
-        return "cls" if info.has_cls else "mean"
-    if cfg.important_score == "cls" and not info.has_cls:
-        raise ConfigError("important_score='cls' needs a vision tower with a CLS token; this one has none "
-                          "(use 'mean' or 'auto')")
-    return cfg.important_score
+    return attention_kind(cfg.important_score, info, "important_score")
 
 
 def _requests(cfg: VisPrunerConfig, info: VisionInfo) -> list[ScoreRequest]:
