@@ -22,6 +22,10 @@ FLOORS = {
     ("random", 0.333): (0.870, 0.329), ("random", 0.111): (0.790, 0.104),
     ("pool", 0.333): (0.830, 0.340), ("pool", 0.111): (0.765, 0.120),
     ("holitom_inner", 0.333): (0.900, 0.736), ("holitom_inner", 0.111): (0.885, 0.653),
+    # measured 2026-12-02 (same machine and versions, the same shipped model) when these were added
+    ("divprune", 0.333): (0.900, 0.815), ("divprune", 0.111): (0.900, 0.630),
+    ("vispruner", 0.333): (0.890, 0.966), ("vispruner", 0.111): (0.850, 0.895),
+    ("prumerge", 0.333): (0.905, 0.476), ("prumerge", 0.111): (0.840, 0.321),
 }
 UNPRUNED = 0.900
 

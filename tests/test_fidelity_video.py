@@ -23,6 +23,11 @@ FLOORS: dict[tuple[str, float], tuple[float, float]] = {
     ("fastv (layer=1)", 0.333): (0.87, 0.280), ("fastv (layer=1)", 0.111): (0.69, 0.097),
     ("random", 0.333): (0.87, 0.372), ("random", 0.111): (0.82, 0.140),
     ("pool", 0.333): (0.88, 0.344), ("pool", 0.111): (0.84, 0.139),
+    # measured 2026-12-02 when these were added. EVS at 0.111 keeps 57 tokens, less than the first
+    # frame's 64, which it always ranks first (as vLLM): no later frame, no event
+    ("evs", 0.333): (0.92, 0.444), ("evs", 0.111): (0.39, 0.0),
+    ("divprune", 0.333): (0.90, 0.872), ("divprune", 0.111): (0.85, 0.578),
+    ("vispruner", 0.333): (0.90, 0.874), ("vispruner", 0.111): (0.85, 0.414),
 }
 UNPRUNED = 0.91
 
