@@ -296,13 +296,18 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--n", type=int, default=1000, help="test questions (default: 1000)")
     ap.add_argument("--strategies", nargs="*", default=list(STRATEGIES), metavar="ROW",
                     help=f"rows: names, or name:param=value[,param=value] (default: {' '.join(STRATEGIES)})")
-    ap.add_argument("--controls", nargs="*", default=list(CONTROLS), metavar="NAME",
-                    help=f"control rows, of {list(CONTROLS)} (default: both; none given: no controls)")
+    add_common_options(ap, list(CONTROLS), "fidelity.json", "questions")
+    return ap
+
+
+def add_common_options(ap: argparse.ArgumentParser, controls: list[str], results: str, items: str) -> None:
+    """--controls, --out and --merge, shared by the image and the video benchmark."""
+    ap.add_argument("--controls", nargs="*", default=controls, metavar="NAME",
+                    help=f"control rows, of {controls} (default: both; none given: no controls)")
     ap.add_argument("--out", type=Path, metavar="DIR", help="results folder (default: ./tokenprune_out/fidelity)")
     ap.add_argument("--merge", type=Path, metavar="JSON",
-                    help="add the rows run now to this earlier fidelity.json (same --n and model: the same "
-                         "questions), replacing rows of the same strategy and keep; writes the merged results")
-    return ap
+                    help=f"add the rows run now to this earlier {results} (same --n and model: the same "
+                         f"{items}), replacing rows of the same strategy and keep; writes the merged results")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -43,7 +43,7 @@ from ..tiny import ov_pooled_side
 from . import paired
 from .clips import FRAMES, ClipSample, clip_split, render_clips
 from .fidelity import NEEDS as FIDELITY_NEEDS
-from .fidelity import accuracy_plot, by_type, control_run, load_for_merge, paired_section, summary, table
+from .fidelity import accuracy_plot, add_common_options, by_type, control_run, load_for_merge, paired_section, summary, table
 
 KEEPS = (1.0, 0.5, 0.333, 0.222, 0.111, 0.056)
 #: (row name, strategy, extra params)
@@ -217,12 +217,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--n", type=int, default=300, help="test clips (default: 300)")
     ap.add_argument("--strategies", nargs="*", default=None, metavar="ROW",
                     help=f"rows, of {[r[0] for r in STRATEGIES]} (default: all)")
-    ap.add_argument("--controls", nargs="*", default=list(CONTROLS), metavar="NAME",
-                    help=f"control rows, of {list(CONTROLS)} (default: both; none given: no controls)")
-    ap.add_argument("--out", type=Path, metavar="DIR", help="results folder (default: ./tokenprune_out/fidelity)")
-    ap.add_argument("--merge", type=Path, metavar="JSON",
-                    help="add the rows run now to this earlier fidelity_video.json (same --n and model: the same "
-                         "clips), replacing rows of the same strategy and keep; writes the merged results")
+    add_common_options(ap, list(CONTROLS), "fidelity_video.json", "clips")
     return ap
 
 
