@@ -7,6 +7,9 @@ is NP-hard; the paper solves it greedily (its Algorithm 1): the first token is t
 minimum distance to all *other* tokens is largest (the most isolated token), then, until the
 budget is met, the token whose minimum distance to the tokens chosen so far is largest is added.
 No attention scores, no calibration, no training.
+(The paper's method section could not be read offline when this was written: the first-pick rule
+is the algorithm as its authors' abstract and secondary summaries describe it; check it against
+Algorithm 1 of the PDF.)
 
 Our rule (``divprune_select_batch``; ``divprune_select`` is the one-image case):
 
