@@ -278,7 +278,9 @@ def _cache_kw():
 def _turn1(model, inp):
     with torch.no_grad():
         out = model.generate(**inp, max_new_tokens=3, min_new_tokens=3, do_sample=False, return_dict_in_generate=True)
-    return out, getattr(out, "cache", None) or out.past_key_values
+    from tokenprune.testing import output_cache
+
+    return out, output_cache(out)
 
 
 def test_a_continuation_chunk_wholly_inside_the_pruned_cache_is_refused(model):

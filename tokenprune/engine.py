@@ -37,7 +37,7 @@ from .config import PruneConfig
 from .errors import ConfigError, TokenPruneError, TokenPruneWarning, UnsupportedCallError, UnsupportedModelError
 from .family import Family, ImageLayout, Unit
 from .inner import InnerStage
-from .sequence import cache_of, left_packed_index, padding_mask, seq_len, split_budget, take, take_positions
+from .sequence import cache_of, left_packed_index, output_cache, padding_mask, seq_len, split_budget, take, take_positions
 from .state import CallState, Continuation, Encoded, ImageSel, LabelsCall, PruneRecord, Span, VisionCall
 from .stats import PruneStats, layer_flops
 from .strategies.base import Selection, StrategySpec, VisualTokens
@@ -821,9 +821,7 @@ class PruneHandle:
         if state is None:
             return
         if state.pending is not None:
-            cache = getattr(output, "cache", None)
-            if cache is None:
-                cache = getattr(output, "past_key_values", None)
+            cache = output_cache(output)
             if cache is not None:
                 self._records[cache] = state.pending
             state.pending = None
@@ -851,13 +849,11 @@ class PruneHandle:
         keep = ~visual
         for sp, im in zip(state.spans, images):
             keep[sp.row, sp.cols.to(visual.device)] = im.keep.to(visual.device)
-        self._fill_stats(state, keep, b)
+        self._fill_stats(state, keep, b, [im.fixed for im in images])
         assert state.stats is not None
         state.stats.merge_groups = [[] for _ in range(b)]
-        state.stats.layout_tokens = [0] * b
         for row, im in zip(state.images, images):
             state.stats.merge_groups[row].append(im.groups)
-            state.stats.layout_tokens[row] += im.fixed
         dropped_mask = visual & ~keep
         self._fill_flops(state, length, int(keep.sum(1).max()), b)
         if not bool(dropped_mask.any()):
@@ -934,15 +930,19 @@ class PruneHandle:
         return new
 
     # -- statistics -------------------------------------------------------------------------
-    def _fill_stats(self, state: CallState, keep: torch.Tensor, b: int) -> None:
+    def _fill_stats(self, state: CallState, keep: torch.Tensor, b: int, layout: list[int]) -> None:
+        """Per-row counts and kept indices of ``keep`` [B, L]; ``layout``: per span, its layout
+        (newline) tokens, always kept and not budgeted."""
         st = state.stats
         visual = state.visual
         assert st is not None and visual is not None
         st.visual_tokens_in = visual.sum(1).tolist()
         st.visual_tokens_kept = (visual & keep).sum(1).tolist()
         st.kept_indices = [[] for _ in range(b)]
-        for row, kept in zip(state.images, self._image_kept(state, keep)):
+        st.layout_tokens = [0] * b
+        for row, kept, n_layout in zip(state.images, self._image_kept(state, keep), layout):
             st.kept_indices[row].append(kept)
+            st.layout_tokens[row] += n_layout
 
     def _image_kept(self, state: CallState, keep: torch.Tensor) -> list[torch.Tensor]:
         return [torch.nonzero(keep[sp.row, sp.cols.to(keep.device)]).flatten().cpu() for sp in state.spans]

@@ -144,11 +144,7 @@ class InnerStage:
         visual = _visual(state).to(keep.device)
         dev = keep.device
         if self.h.vspec is None:
-            self.h._fill_stats(state, keep, b)
-            assert state.stats is not None
-            state.stats.layout_tokens = [0] * b
-            for sp, fixed in zip(state.spans, fv.fixed):
-                state.stats.layout_tokens[sp.row] += int(fixed.numel())
+            self.h._fill_stats(state, keep, b, [int(f.numel()) for f in fv.fixed])
         else:  # stacked: stats describe the LLM input; the inner stage adds its own counts
             st = state.stats
             assert st is not None

@@ -94,6 +94,12 @@ def cache_of(kwargs: dict[str, Any]) -> Any:
     return cache if cache is not None else kwargs.get("past_key_values")
 
 
+def output_cache(out: Any) -> Any:
+    """The KV cache of a model output: ``cache`` (transformers >= 5.24), else ``past_key_values``."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
+
+
 def seq_len(cache: Any, layer: int = 0) -> int:
     return int(cache.get_seq_length(layer)) if cache is not None else 0
 

@@ -28,6 +28,7 @@ from torch import nn
 
 from . import api, registry
 from .errors import IncompatibleStrategyError, UnsupportedCallError
+from .sequence import output_cache
 
 NEW = 4   #: tokens generated per check
 
@@ -122,12 +123,6 @@ def cache_kwarg() -> str:
 
     return "cache" if "cache" in inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters \
         else "past_key_values"
-
-
-def output_cache(out: Any) -> Any:
-    """The KV cache of a model output: ``cache`` (5.2x), else ``past_key_values``."""
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else out.past_key_values
 
 
 @torch.no_grad()

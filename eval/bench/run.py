@@ -40,6 +40,7 @@ import tokenprune
 from tokenprune._extras import MissingExtraError, require_all
 from tokenprune._extras import default_out as extras_default_out
 from tokenprune.api import family_for
+from tokenprune.sequence import output_cache
 
 from .presets import PRESETS, BenchPreset, ModelPreset, build
 from .reference import eager_copy, official_select
@@ -96,12 +97,6 @@ def _inputs(mp: ModelPreset, model: Any, family: Any, batch: int, device: str) -
     """The family's own synthetic inputs for the preset, on ``device`` (floating tensors in its dtype)."""
     inp = family.bench_inputs(batch, mp.text_tokens, size=mp.size, video_frames=mp.video_frames)
     return {k: (v.to(device, mp.dtype) if v.is_floating_point() else v.to(device)) for k, v in inp.items()}
-
-
-def _cache(out: Any) -> Any:
-    """The KV cache of a model output (``cache`` in transformers >= 5.24, else ``past_key_values``)."""
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else out.past_key_values
 
 
 def _features(out: Any) -> torch.Tensor:
@@ -206,7 +201,7 @@ class Bench:
             with OtherWork() as others:
                 out = {**self.prefill(core.language_model, forward), **self.stats("vision_ms", vision),
                        "peak_mb": peak_mb(forward, self.device),
-                       "kv_mb": cache_mb(_cache(model(**inputs, logits_to_keep=1, use_cache=True)))}
+                       "kv_mb": cache_mb(output_cache(model(**inputs, logits_to_keep=1, use_cache=True)))}
                 if decode:
                     out.update(self.decode(generate, ids.shape[1], batch))
             return {**out, "others_cpu": others.share}
@@ -277,7 +272,7 @@ class Bench:
             return core.language_model(inputs_embeds=emb_kept, attention_mask=mask_kept, use_cache=False)
         with OtherWork() as others:
             res = {**self.stats("ttft_ms", forward), "llm_ms": self.t(llm), "peak_mb": peak_mb(forward, self.device),
-                   "kv_mb": cache_mb(_cache(core.language_model(inputs_embeds=emb_kept, attention_mask=mask_kept,
+                   "kv_mb": cache_mb(output_cache(core.language_model(inputs_embeds=emb_kept, attention_mask=mask_kept,
                                                                 use_cache=True)))}
         return {**res, "others_cpu": others.share}
 
@@ -311,7 +306,7 @@ class Bench:
                 return model(**inputs, logits_to_keep=1, use_cache=False)
             out = self.prefill(core.language_model, forward)
             out["peak_mb"] = peak_mb(forward, self.device)
-            out["kv_mb"] = cache_mb(_cache(model(**inputs, logits_to_keep=1, use_cache=True)))
+            out["kv_mb"] = cache_mb(output_cache(model(**inputs, logits_to_keep=1, use_cache=True)))
         finally:
             h.remove()
         return out

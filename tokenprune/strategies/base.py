@@ -149,11 +149,10 @@ def mask_to_indices(mask: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def topk_indices(score: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k largest values, ties broken by the lower index (deterministic).
+    """[..., N] -> [..., k] indices of the k largest values along the last dim, in descending
+    order, ties broken by the lower index (deterministic).
 
     ``torch.topk`` leaves the order of ties unspecified; a stable descending sort does not.
     """
-    if k <= 0:
-        return torch.zeros(0, dtype=torch.long, device=score.device)
-    order = torch.sort(score, descending=True, stable=True).indices
-    return order[:k]
+    order = torch.sort(score, dim=-1, descending=True, stable=True).indices
+    return order[..., :max(k, 0)]

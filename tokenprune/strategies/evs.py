@@ -78,7 +78,7 @@ import torch.nn.functional as F
 
 from ..config import PruneConfig
 from ..registry import register_strategy
-from .base import Selection, StrategySpec, VisionInfo, VisualTokens
+from .base import Selection, StrategySpec, VisionInfo, VisualTokens, topk_indices
 
 
 @dataclass(frozen=True)
@@ -111,12 +111,7 @@ def evs_dissimilarity(features: torch.Tensor) -> torch.Tensor:
 def evs_select(features: torch.Tensor, n_keep: int) -> torch.Tensor:
     """features [..., F, P, D] -> [..., n_keep] ascending frame-major indices of the ``n_keep``
     most dissimilar tokens (first frame first; ties: lower index). No host sync."""
-    score = evs_dissimilarity(features)
-    n = score.shape[-1]
-    if n_keep >= n:
-        return torch.arange(n, device=features.device).expand(*score.shape[:-1], n).clone()
-    order = torch.sort(score, dim=-1, descending=True, stable=True).indices[..., :n_keep]
-    return torch.sort(order, dim=-1).values
+    return torch.sort(topk_indices(evs_dissimilarity(features), n_keep), dim=-1).values
 
 
 def _frames(tokens: VisualTokens) -> torch.Tensor:
