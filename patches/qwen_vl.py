@@ -304,6 +304,7 @@ class Qwen3VLFamily(QwenVLFamily):
     def __init__(self, model: Any) -> None:
         super().__init__(model)
         self.min_inner_layer = max(1, len(getattr(self.vision_tower, "deepstack_visual_indexes", []) or []))
+        self.llm_info = LLMInfo(num_layers=len(self.decoder_layers), min_layer=self.min_inner_layer)
 
     def video_processor_kwargs(self, video: Any) -> dict[str, Any]:
         """Its processor places timestamps between frames: it needs the sampling rate."""

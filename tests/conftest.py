@@ -47,11 +47,12 @@ def layer_out(x):
 
 
 @torch.no_grad()
-def manual_logits(model, input_ids, embeds, keep, layer=0, positions="original", merge=None):
+def manual_logits(model, input_ids, embeds, keep, layer=0, positions="original", merge=None, cuts=None):
     """Reference for one unpadded row: the unpatched decoder fed only the kept tokens by hand.
 
     embeds [1, L, D] (image features already scattered); keep [L] bool. ``layer`` = 0: tokens
     dropped before the LLM; K > 0: layers < K see every token, layers >= K only the kept ones.
+    ``cuts``: instead, several inner stages [(K_s, keep_s [L])] (nested keeps, increasing K_s).
     Kept tokens keep their original positions (or are renumbered, positions="compact").
     ``merge(h) -> h``: applied to the hidden states entering layer K before slicing (HoliTom "M").
     """
@@ -61,15 +62,19 @@ def manual_logits(model, input_ids, embeds, keep, layer=0, positions="original",
     if positions == "compact":
         pos = torch.cumsum(keep.long(), 0)[None] - 1
     h = embeds
-    idx = torch.nonzero(keep).flatten()
-    if layer == 0:
+    if layer == 0 and not cuts:
+        idx = torch.nonzero(keep).flatten()
         h, pos = h[:, idx], pos[:, idx]
+    stages = dict(cuts) if cuts else ({layer: keep} if layer else {})
     pe = lm.rotary_emb(h, pos)
+    now = torch.arange(h.shape[1])          # LLM-input positions of the current sequence
     for i, dec in enumerate(lm.layers):
-        if layer and i == layer:
-            if merge is not None:
+        if i in stages:
+            if merge is not None and now.numel() == length:
                 h = merge(h)
-            h, pos, pe = h[:, idx], pos[:, idx], (pe[0][:, idx], pe[1][:, idx])
+            sel = torch.nonzero(stages[i][now]).flatten()
+            now = now[sel]
+            h, pos, pe = h[:, sel], pos[:, sel], (pe[0][:, sel], pe[1][:, sel])
         h = layer_out(dec(h, attention_mask=None, position_ids=pos, position_embeddings=pe))
     return model.lm_head(lm.norm(h))
 
@@ -90,10 +95,18 @@ def eager_vision(model, px):
     return out.attentions, out.hidden_states, keys
 
 
-def expected_selections(handle, model, px):
-    """What the strategy must select, computed from eager attention weights (not the engine's)."""
+def expected_selections(handle, model, px, input_ids=None):
+    """What the strategy must select, computed from eager attention weights (not the engine's);
+    an instruction-conditioned strategy also gets the embeddings of the text after each image of
+    ``input_ids`` (one row, image i = the i-th run of image tokens)."""
     from tokenprune.strategies.base import VisualTokens
 
+    texts = [None] * px.shape[0]
+    if handle.spec.text:
+        ids = input_ids[0]
+        runs = torch.nonzero(ids == 4).flatten().reshape(-1, N_TOK)
+        emb = model.model.get_input_embeddings()(ids[None])[0]
+        texts = [emb[(torch.arange(ids.numel()) > run.max()) & (ids != 4)] for run in runs]
     attns, hidden, keys = eager_vision(model, px)
     info = handle.family.vision_info
     heads = model.config.vision_config.num_attention_heads
@@ -112,7 +125,7 @@ def expected_selections(handle, model, px):
                 scores[(r.layer, "keys")] = k.reshape(k.shape[0], heads, -1).float().mean(1)[1:]
         # a strategy on LLM-space features (StrategySpec.features == "llm") sees the projector output
         f_sel = model.model.multi_modal_projector(feats[i]) if handle.spec.features == "llm" else feats[i]
-        tokens = VisualTokens(grid=info.grid, features=f_sel, scores=scores)
+        tokens = VisualTokens(grid=info.grid, features=f_sel, scores=scores, text=texts[i])
         n_keep = handle.config.tokens_for(handle.family.tokens_per_image) - handle.family.num_prefix
         sels.append(handle.spec.select(handle.config, tokens, n_keep, info))
     return sels, feats

@@ -59,3 +59,16 @@ def last_row_attention(q_last: torch.Tensor, k: torch.Tensor, scaling: float,
     logits = (qg @ k.float().transpose(-1, -2)) * scaling        # [B, Hkv, G, L]
     logits = logits.masked_fill(~key_valid[:, None, None, :], float("-inf"))
     return torch.softmax(logits, dim=-1).mean(dim=(1, 2))
+
+
+def rows_attention(q_rows: torch.Tensor, k: torch.Tensor, scaling: float, key_ok: torch.Tensor) -> torch.Tensor:
+    """Head-mean softmax rows of a few queries of one sample (e.g. the instruction's tokens).
+
+    q_rows: [H, T, d] (rotary applied); k: [Hkv, L, d] (rotary applied, GQA heads not repeated);
+    key_ok: [T, L] bool, the keys each query sees (causal and padding). Returns [T, L]."""
+    h, t, d = q_rows.shape
+    hkv = k.shape[0]
+    qg = q_rows.float().reshape(hkv, h // hkv, t, d)
+    logits = (qg @ k.float().transpose(-1, -2)[:, None]) * scaling         # [Hkv, G, T, L]
+    logits = logits.masked_fill(~key_ok[None, None], float("-inf"))
+    return torch.softmax(logits, dim=-1).mean(dim=(0, 1))

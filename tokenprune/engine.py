@@ -36,7 +36,7 @@ from . import _handles
 from .config import PruneConfig
 from .errors import ConfigError, TokenPruneError, TokenPruneWarning, UnsupportedCallError, UnsupportedModelError
 from .family import Family, ImageLayout, Unit
-from .inner import InnerStage
+from .inner import Q_SIGNALS, QK_SIGNALS, InnerStage
 from .sequence import cache_of, left_packed_index, output_cache, padding_mask, seq_len, split_budget, take, take_positions
 from .state import CallState, Continuation, Encoded, ImageSel, LabelsCall, PruneRecord, Span, VisionCall
 from .stats import PruneStats, layer_flops
@@ -127,15 +127,27 @@ class PruneHandle:
             config.tokens_for(family.tokens_per_image)
         self.requests = (self.vspec.requests(self.vconfig, info)
                          if self.vspec is not None and self.vspec.requests is not None else [])
-        self.llm_layer: int | None = (self.lspec.llm_layer(self.lconfig, family.llm_info)
-                                      if self.lspec is not None and self.lspec.llm_layer is not None else None)
-        #: layers whose attention rows are materialised (vision layers, and LLM layer K-1)
+        #: inner-LLM stages: the first decoder layer of each (K_0 < K_1 < ...); ``llm_layer`` = K_0
+        self.llm_layers: list[int] = self._stage_layers()
+        self.llm_layer: int | None = self.llm_layers[0] if self.llm_layers else None
+        #: layers whose attention rows / keys are materialised (vision layers, LLM layers K_s-1)
         self.scored_layers: list[tuple[str, int]] = sorted({("vision", r.layer) for r in self.requests})
-        if self.llm_layer is not None:
-            self.scored_layers.append(("llm", self.llm_layer - 1))
+        if self.lspec is not None and self.lspec.llm_signals & QK_SIGNALS:
+            self.scored_layers += [("llm", k - 1) for k in self.llm_layers]
         self.modules: list[nn.Module] = []   #: what the install hooks (set by :meth:`preflight`)
         #: the inner-LLM stage (its hooks are installed only with an inner strategy)
         self.inner_stage = InnerStage(self)
+
+    def _stage_layers(self) -> list[int]:
+        if self.lspec is None or self.lspec.llm_layer is None:
+            return []
+        got = self.lspec.llm_layer(self.lconfig, self.family.llm_info)
+        layers = [got] if isinstance(got, int) else [int(k) for k in got]
+        n = self.family.llm_info.num_layers
+        if not layers or any(b <= a for a, b in zip(layers, layers[1:])) or layers[0] < 1 or layers[-1] >= n:
+            raise ConfigError(f"{self.lspec.name}: stage layers {layers} must increase within 1..{n - 1} "
+                              f"(an LLM of {n} layers)")
+        return layers
 
     def _fresh_state(self) -> None:
         """Per-handle containers that are never shared with a copy (context variables, locks,
@@ -195,10 +207,10 @@ class PruneHandle:
             for layer in sorted({r.layer for r in self.requests}):
                 mods += fam.vision_capture_modules(layer)
         if self.lspec is not None:
-            k = self.llm_layer
-            assert k is not None
-            la = fam.llm_attention(k - 1)
-            mods += [la.q_source, la.k_source, la.module, *fam.decoder_layers[k:]]
+            for k in self.llm_layers:
+                la = fam.llm_attention(k - 1)
+                mods += [la.q_source, la.k_source, la.module]
+            mods += list(fam.decoder_layers[self.llm_layers[0]:])
         return mods
 
     def preflight(self) -> list[nn.Module]:
@@ -260,22 +272,24 @@ class PruneHandle:
             sel = fam.selection_module
             if fam.select_at_lm:      # keep the scores; select at the LLM input (packed layout)
                 self._add(sel.register_forward_hook(self._record_raw))
+            elif self.vspec.text:     # the instruction is known only at the LLM input: select there
+                self._add(sel.register_forward_hook(self._record_deferred))
             elif fam.select_on_output or self.vspec.features == "llm":   # LLM-space features: after the projector
                 self._add(sel.register_forward_hook(self._selection_on_output))
             else:
                 self._add(sel.register_forward_pre_hook(self._selection_on_input))
                 self._add(sel.register_forward_hook(self._selection_post))
         if self.lspec is not None:
-            k = self.llm_layer
-            assert k is not None
-            la = fam.llm_attention(k - 1)
-            stage = self.inner_stage
-            self._add(la.q_source.register_forward_hook(partial(stage.capture, k - 1, "q")))
-            self._add(la.k_source.register_forward_hook(partial(stage.capture, k - 1, "k")))
-            self._add(la.module.register_forward_pre_hook(stage.attn_pre, with_kwargs=True))
-            self._add(la.module.register_forward_hook(partial(stage.attn_post, la)))
-            for layer in fam.decoder_layers[k:]:
-                self._add(layer.register_forward_pre_hook(stage.layer_pre, with_kwargs=True))
+            stage, sig = self.inner_stage, self.lspec.llm_signals
+            for k in self.llm_layers if sig & QK_SIGNALS else []:
+                la = fam.llm_attention(k - 1)
+                if sig & Q_SIGNALS:
+                    self._add(la.q_source.register_forward_hook(partial(stage.capture, k - 1, "q")))
+                self._add(la.k_source.register_forward_hook(partial(stage.capture, k - 1, "k")))
+                self._add(la.module.register_forward_pre_hook(partial(stage.attn_pre, k - 1), with_kwargs=True))
+            for i, layer in enumerate(fam.decoder_layers):
+                if i >= self.llm_layers[0]:
+                    self._add(layer.register_forward_pre_hook(partial(stage.layer_pre, i), with_kwargs=True))
 
     def remove(self) -> None:
         """Remove every hook; the model is exactly as before ``apply``."""
@@ -394,7 +408,7 @@ class PruneHandle:
                     state.given[m] = list(given.pooler_output)
                 else:
                     state.from_forward.append(m)
-            if state.uncached and self.lspec is not None and kwargs.get("use_cache") is False:
+            if state.uncached and self._keeps_prefill_choice and kwargs.get("use_cache") is False:
                 state.continuation = self._uncached_continuation(args, kwargs)
             state.ids = fam.input_ids(args, kwargs)
         self._state.set(state)
@@ -499,7 +513,7 @@ class PruneHandle:
         if ids is None:
             self._local.continuation = None
             return None
-        if (prev is not None and prev.keep is not None and ids.shape[0] == prev.prompt.shape[0]
+        if (prev is not None and (prev.keeps or self.lspec is None) and ids.shape[0] == prev.prompt.shape[0]
                 and ids.shape[1] > prev.prompt.shape[1] and len(visual) == len(prev.visual)
                 and all(a is b for a, b in zip(visual, prev.visual))
                 and torch.equal(ids[:, :prev.prompt.shape[1]], prev.prompt.to(ids.device))):
@@ -582,6 +596,51 @@ class PruneHandle:
         encoded.append(Encoded([], [], state.seconds, seq, raw=(dict(state.scores), output)))
         del encoded[:-MAX_PENDING]
 
+    def _record_deferred(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        """An instruction-conditioned strategy: lay the pass out now, select at the LLM input."""
+        state = self._vision.get()
+        self._vision.set(None)
+        if state is None:
+            return
+        t0 = time.perf_counter()
+        flat, layouts = self.family.vision_layout(output, state.scores, state.meta, per_frame=self.vs.unit == "frame")
+        state.scores.clear()
+        outputs = self.family.image_outputs(output, layouts, state.meta)
+        state.seconds += time.perf_counter() - t0
+        encoded = self._encoded()
+        with self._lock:
+            self._seq += 1
+            seq = self._seq
+        encoded.append(Encoded(outputs, [], state.seconds, seq, deferred=(flat, layouts)))
+        del encoded[:-MAX_PENDING]
+
+    @property
+    def _keeps_prefill_choice(self) -> bool:
+        """Whether an uncached generation must keep its first call's choice: inner stages, and
+        instruction-conditioned selections (later steps' sequences hold generated text too)."""
+        return self.lspec is not None or (self.vspec is not None and self.vspec.text)
+
+    def _instruction(self, state: CallState, sp: Span, embeds: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+        """[T, D] LLM-input embeddings of the text after a placeholder run in its row (of the
+        prompt: an uncached generation step's generated tokens are not part of the instruction)."""
+        assert state.visual is not None
+        row = sp.row
+        pos = torch.arange(embeds.shape[1], device=embeds.device)
+        ok = (pos > sp.cols.max().to(embeds.device)) & ~state.visual[row].to(embeds.device)
+        if state.continuation is not None:
+            ok &= pos < state.continuation.prompt.shape[1]
+        if valid is not None:
+            ok &= valid[row].to(embeds.device).bool()
+        return embeds[row, ok]
+
+    def _deferred_sel(self, e: Encoded, i: int, text: torch.Tensor) -> ImageSel:
+        assert e.deferred is not None
+        flat, layouts = e.deferred
+        images, merged = self._select_layouts(flat, [layouts[i]], texts=[text])
+        if merged is not None:
+            raise RuntimeError(f"{self.vs.name} reads the instruction (text=True) and must not merge features")
+        return images[0]
+
     def _remember(self, state: VisionCall, output: torch.Tensor) -> None:
         t0 = time.perf_counter()
         assert state.layouts is not None and state.images is not None
@@ -605,12 +664,14 @@ class PruneHandle:
         state.seconds += time.perf_counter() - t0
         return None if merged is None else self.family.vision_restore(merged, x, state.meta)
 
-    def _select_layouts(self, flat: torch.Tensor, layouts: list[ImageLayout]
-                        ) -> tuple[list[ImageSel], torch.Tensor | None]:
+    def _select_layouts(self, flat: torch.Tensor, layouts: list[ImageLayout],
+                        texts: list[torch.Tensor] | None = None) -> tuple[list[ImageSel], torch.Tensor | None]:
         """Budget every image over its units, select in every unit, write merged features into a
-        copy of ``flat`` [R, D] (None when no strategy merged); one ImageSel per layout."""
+        copy of ``flat`` [R, D] (None when no strategy merged); one ImageSel per layout.
+        ``texts``: per layout, the instruction its units' selections read."""
         units: list[tuple[Unit, int]] = []
-        for lay in layouts:
+        unit_texts: list[torch.Tensor | None] = []
+        for j, lay in enumerate(layouts):
             sizes = [u.rows.numel() for u in lay.units]
             # a kept prefix (CLS) counts in the budget; layout tokens (newlines) do not
             total = self.vconfig.tokens_for(lay.prefix + sum(sizes)) - lay.prefix
@@ -618,7 +679,8 @@ class PruneHandle:
                 raise ConfigError(f"the budget must leave at least one visual token after the {lay.prefix} "
                                   f"prefix token(s); got {total + lay.prefix} of {lay.prefix + sum(sizes)}")
             units.extend(zip(lay.units, split_budget(total, sizes, [u.weight for u in lay.units])))
-        sels = self._select_units(flat, units)
+            unit_texts.extend([texts[j] if texts is not None else None] * len(lay.units))
+        sels = self._select_units(flat, units, unit_texts if texts is not None else None)
         merged = None
         for (u, n_keep), sel in zip(units, sels):
             if sel.indices.numel() != n_keep:
@@ -631,12 +693,13 @@ class PruneHandle:
         it = iter(sels)
         return [self._image_sel(lay, [next(it) for _ in lay.units]) for lay in layouts], merged
 
-    def _select_units(self, flat: torch.Tensor, units: list[tuple[Unit, int]]) -> list[Selection]:
+    def _select_units(self, flat: torch.Tensor, units: list[tuple[Unit, int]],
+                      texts: list[torch.Tensor | None] | None = None) -> list[Selection]:
         """One strategy call per unit, or one batched call per group of same-shaped units."""
         info = self.family.vision_info
         out: list[Selection | None] = [None] * len(units)
         spec, cfg = self.vs, self.vconfig
-        if spec.select_batch is not None:
+        if spec.select_batch is not None and texts is None:
             groups: dict[tuple, list[int]] = {}
             for i, (u, n_keep) in enumerate(units):
                 if u.frames == 1:
@@ -657,7 +720,8 @@ class PruneHandle:
                 if n_keep == 0:
                     out[i] = Selection(torch.zeros(0, dtype=torch.long, device=flat.device))
                     continue
-                tokens = VisualTokens(grid=u.grid, features=flat[u.rows], scores=u.scores, frames=u.frames)
+                tokens = VisualTokens(grid=u.grid, features=flat[u.rows], scores=u.scores, frames=u.frames,
+                                      text=texts[i] if texts is not None else None)
                 assert spec.select is not None
                 out[i] = spec.select(cfg, tokens, n_keep, info)
         return out  # type: ignore[return-value]
@@ -688,7 +752,8 @@ class PruneHandle:
         fixed = 0 if lay.fixed is None else int(lay.fixed.numel())
         return ImageSel(keep=keep, groups=torch.cat(groups) if merged else None, fixed=fixed)
 
-    def _select_at_lm(self, state: CallState, embeds: torch.Tensor) -> tuple[list[ImageSel], torch.Tensor]:
+    def _select_at_lm(self, state: CallState, embeds: torch.Tensor,
+                      valid: torch.Tensor | None = None) -> tuple[list[ImageSel], torch.Tensor]:
         """Families whose placeholder layout is built after the projector (LLaVA-NeXT /
         OneVision: packed crops, unpadding, newline tokens): the family maps the encoder's scores
         onto the placeholder runs; selection runs on the LLM-input embeddings there."""
@@ -736,7 +801,10 @@ class PruneHandle:
                 layouts.extend(lay_out(_first_equal(items)))
             except UnsupportedCallError:     # the counts did not match: copies made by value
                 layouts.extend(lay_out(_first_equal(items, by_value=True)))
-        images, merged = self._select_layouts(embeds.reshape(b * length, d), layouts)
+        texts = None
+        if self.vs.text:
+            texts = [self._instruction(state, sp, embeds, valid) for sp in state.spans]
+        images, merged = self._select_layouts(embeds.reshape(b * length, d), layouts, texts)
         for i, sp in enumerate(state.spans):
             if sp.modality == "image" and self.vs.images == "keep":   # a video method: images pass whole
                 images[i] = ImageSel(keep=torch.ones_like(images[i].keep), fixed=images[i].fixed)
@@ -750,16 +818,18 @@ class PruneHandle:
             enc = self._local.encoded = []
         return enc
 
-    def _take_selections(self, state: CallState) -> list[ImageSel]:
-        """Selections of the images / videos of this call, in span order."""
+    def _take_selections(self, state: CallState, embeds: torch.Tensor,
+                         valid: torch.Tensor | None = None) -> list[ImageSel]:
+        """Selections of the images / videos of this call, in span order (an instruction-
+        conditioned strategy selects here, from each encoding's layout and its row's text)."""
         encoded = self._encoded()
         mine = iter([e for e in encoded if e.seq > state.encoded_mark])  # encoded inside this call
-        by_modality: dict[str, list[ImageSel]] = {}
+        by_modality: dict[str, list[Any]] = {}
         for m in state.from_forward:
             e = next(mine, None)
             if e is None:
                 break
-            by_modality[m] = e.images
+            by_modality[m] = e.images if e.deferred is None else [(e, i) for i in range(len(e.outputs))]
             state.seconds += e.seconds
         for m, given in state.given.items():
             sels, used = [], set()
@@ -770,7 +840,7 @@ class PruneHandle:
                         "pre-computed image features (mm_encoder_outputs) were not produced by this "
                         "patched model; pass pixel_values instead")
                 e, i = hit
-                sels.append(e.images[i])
+                sels.append(e.images[i] if e.deferred is None else (e, i))
                 if id(e) not in used:
                     used.add(id(e))
                     state.seconds += e.seconds
@@ -781,6 +851,8 @@ class PruneHandle:
             got = by_modality.get(m, [])
             if len(got) != len(spans):
                 raise UnsupportedCallError(f"{len(got)} encoded {m}s for {len(spans)} {m}s in the prompt")
+            got = [self._deferred_sel(g[0], g[1], self._instruction(state, sp, embeds, valid))
+                   if isinstance(g, tuple) else g for sp, g in zip(spans, got)]
             for sp, im in zip(spans, got):
                 if im.keep.numel() != sp.cols.numel():
                     raise UnsupportedCallError(
@@ -842,10 +914,11 @@ class PruneHandle:
         assert visual is not None
         embeds = kwargs["inputs_embeds"]
         b, length = visual.shape
+        valid = padding_mask(kwargs.get("attention_mask"), length) if self.vs.text else None
         if self.family.select_at_lm:
-            images, embeds = self._select_at_lm(state, embeds)
+            images, embeds = self._select_at_lm(state, embeds, valid)
         else:
-            images = self._take_selections(state)
+            images = self._take_selections(state, embeds, valid)
         keep = ~visual
         for sp, im in zip(state.spans, images):
             keep[sp.row, sp.cols.to(visual.device)] = im.keep.to(visual.device)
@@ -948,13 +1021,16 @@ class PruneHandle:
         return [torch.nonzero(keep[sp.row, sp.cols.to(keep.device)]).flatten().cpu() for sp in state.spans]
 
     def _fill_flops(self, state: CallState, length: int, kept_len: int, b: int,
-                    split_layer: int | None = None) -> None:
+                    segments: list[tuple[int, int]] | None = None) -> None:
+        """Analytic prefill FLOPs; ``segments``: (first layer, tokens) of each run of decoder layers
+        (default: every layer sees ``kept_len`` tokens)."""
         st = state.stats
         assert st is not None
         vd, v_layers, _ = self.family.vision_dims()
         ld, l_layers = self.family.llm_dims()
         vision = v_layers * sum(layer_flops(n, vd, causal=False) for n in state.vision_segments)
         full = b * l_layers * layer_flops(state.full_len or length, ld, causal=True)
-        k = 0 if split_layer is None else split_layer
-        after = b * (k * layer_flops(length, ld, True) + (l_layers - k) * layer_flops(kept_len, ld, True))
+        segs = segments or [(0, kept_len)]
+        ends = [start for start, _ in segs[1:]] + [l_layers]
+        after = b * sum((end - start) * layer_flops(n, ld, True) for (start, n), end in zip(segs, ends))
         st.flops_before, st.flops_after = vision + full, vision + after

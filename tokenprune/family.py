@@ -208,6 +208,10 @@ class Family:
         encoder passes of that modality, in order."""
         raise NotImplementedError
 
+    def llm_final_norm(self) -> Any:
+        """The language model's final norm (applied before the output head), or None."""
+        return getattr(self.language_model, "norm", None)
+
     def structural(self, spans: list[Any], embeds: torch.Tensor) -> list[torch.Tensor]:
         """Per placeholder run, positions that are layout rather than content (LLaVA-NeXT's newline
         tokens): inner-LLM strategies keep them and do not count them in the budget."""

@@ -1,14 +1,18 @@
-"""The engine's inner-LLM stage (FastV-style strategies, HoliTom's merge "M"): score the visual
-tokens at decoder layer K-1 from the hooked q/k of that layer (only the last prompt token's row,
-never the eager attention path), then from layer K on keep only the selected tokens — hidden
-states (optionally merging the dropped ones into the kept), rotary cos/sin, position ids and the
-causal / padding masks, at prefill and at every decode step.
+"""The engine's inner-LLM stages (FastV-style strategies, PyramidDrop's several stages, DART's
+duplication rule, HoliTom's merge "M"). At each stage s with layer K_s: the signals the strategy
+names (``StrategySpec.llm_signals``) are read from layer K_s-1 — attention rows computed from its
+hooked q/k (only the rows asked for, never the eager attention path), its keys — and from the hidden
+states entering layer K_s; the strategy chooses among each image's surviving tokens; from layer K_s
+on the sequence holds only the kept ones — hidden states (optionally merging the dropped ones into
+the kept), rotary cos/sin, position ids and the causal / padding masks, at prefill and at every
+decode step. Each stage re-selects among the previous stage's survivors.
 
 A part of :class:`tokenprune.engine.PruneHandle` (``handle.inner_stage``), composed rather than
-mixed in: it reads the handle's ``family``, ``lspec`` / ``lconfig``, ``llm_layer`` and per-call
-state, and the handle installs its hooks (:meth:`InnerStage.capture`, :meth:`attn_pre`,
-:meth:`attn_post` on layer K-1, :meth:`layer_pre` on layers >= K). Per-call progress is an
-:class:`~tokenprune.state.InnerPass`.
+mixed in: it reads the handle's ``family``, ``lspec`` / ``lconfig``, ``llm_layers`` and per-call
+state, and the handle installs its hooks (:meth:`InnerStage.capture` and :meth:`attn_pre` on every
+layer K_s-1, :meth:`layer_pre` on the layers >= K_0). Per-call progress is an
+:class:`~tokenprune.state.InnerPass`; what later decode steps need is the record's
+:class:`~tokenprune.state.InnerCut` list.
 """
 from __future__ import annotations
 
@@ -18,14 +22,20 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .attention import last_row_attention
+from .attention import last_row_attention, rows_attention
 from .errors import UnsupportedCallError
 from .sequence import cache_of, left_packed_index, mask_keys, min_value, seq_len, take, take_positions
-from .state import CallState, InnerPass, PruneRecord, Span
+from .state import CallState, InnerCut, InnerPass, PruneRecord, Span
+from .stats import StageStats
+from .strategies.base import LLMTokens, Selection
 
 if TYPE_CHECKING:
     from .engine import PruneHandle
     from .strategies.base import StrategySpec
+
+#: the signals that need layer K-1's q / k projections
+QK_SIGNALS = frozenset({"attention", "text_attention", "keys"})
+Q_SIGNALS = frozenset({"attention", "text_attention"})
 
 
 def _visual(state: CallState) -> torch.Tensor:
@@ -35,7 +45,7 @@ def _visual(state: CallState) -> torch.Tensor:
 
 
 class InnerStage:
-    """Hooks of the inner-LLM stage (score at layer K-1, drop or merge from layer K)."""
+    """Hooks of the inner-LLM stages (signals at layer K_s-1, drop or merge from layer K_s)."""
 
     def __init__(self, handle: "PruneHandle") -> None:
         self.h = handle
@@ -47,181 +57,267 @@ class InnerStage:
         return self.h.lspec
 
     @property
-    def k(self) -> int:
-        """K: the first decoder layer that sees only the kept tokens."""
-        assert self.h.llm_layer is not None
-        return self.h.llm_layer
+    def layers(self) -> list[int]:
+        """K_0 < K_1 < ...: the first decoder layer of each stage."""
+        return self.h.llm_layers
+
+    @property
+    def uses_qk(self) -> bool:
+        return bool(self.spec.llm_signals & QK_SIGNALS)
+
+    # -- hooks on the scoring layers K_s - 1 ----------------------------------------------------
+    def _scoring(self, state: CallState | None, layer: int) -> bool:
+        return (state is not None and state.inner is not None and not state.inner.chosen
+                and layer == self.layers[state.inner.stage] - 1)
 
     def capture(self, layer: int, which: str, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        """LLM layer K-1's q / k projection outputs (prefill only, before the selection)."""
+        """LLM layer K_s-1's q / k projection outputs (prefill only, before stage s chooses)."""
         state = self.h._state.get()
-        if state is None or state.inner is None or state.inner.chosen:
-            return
-        state.qk.setdefault(layer, {})[which] = output
+        if self._scoring(state, layer):
+            assert state is not None
+            state.qk.setdefault(layer, {})[which] = output
+
+    def attn_pre(self, layer: int, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        state = self.h._state.get()
+        if self._scoring(state, layer):
+            assert state is not None and state.inner is not None
+            state.inner.rope = kwargs.get("position_embeddings")
 
     def start(self, state: CallState, kwargs: dict[str, Any], cache: Any) -> None:
         mask = kwargs.get("attention_mask")
         b, length = _visual(state).shape
         if mask is not None and mask.dim() != 2:
             raise UnsupportedCallError(f"{self.spec.name} needs a 2D attention_mask (or none)")
-        valid = mask.bool() if mask is not None else torch.ones(b, length, dtype=torch.bool,
-                                                                device=_visual(state).device)
+        dev = _visual(state).device
+        valid = mask.bool() if mask is not None else torch.ones(b, length, dtype=torch.bool, device=dev)
         last = length - 1 - torch.argmax(torch.flip(valid.long(), dims=[1]), dim=1)
-        state.inner = InnerPass(valid=valid.to(_visual(state).device), last=last.to(_visual(state).device),
-                                length=length, fixed=self.h.family.structural(state.spans, kwargs["inputs_embeds"]))
+        state.inner = InnerPass(valid=valid.to(dev), last=last.to(dev), length=length,
+                                fixed=self.h.family.structural(state.spans, kwargs["inputs_embeds"]),
+                                n_stages=len(self.layers), keep=torch.ones(b, length, dtype=torch.bool, device=dev),
+                                embeds=kwargs["inputs_embeds"] if "embeds" in self.spec.llm_signals else None)
 
-    def attn_pre(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        state = self.h._state.get()
-        if state is not None and state.inner is not None and not state.inner.chosen:
-            state.inner.rope = kwargs.get("position_embeddings")
-
-    def attn_post(self, la: Any, module: nn.Module, args: tuple, output: Any) -> None:
-        state = self.h._state.get()
-        if state is None or state.inner is None or state.inner.chosen:
-            return
-        t0 = time.perf_counter()
-        self.select(state, la)
-        state.seconds += time.perf_counter() - t0
-
-    def select(self, state: CallState, la: Any) -> None:
-        k = self.k - 1
-        qk = state.qk.pop(k)
+    # -- choosing one stage ---------------------------------------------------------------------
+    def select(self, state: CallState, hidden: torch.Tensor) -> None:
+        """Stage s at layer K_s: choose each image's survivors and cut the sequence."""
+        fv = state.inner
+        assert fv is not None and fv.keep is not None
+        s = fv.stage
         b, length = _visual(state).shape
+        dev = fv.keep.device
+        prev = fv.cuts[-1] if fv.cuts else None
+        cur = prev.idx.to(dev) if prev is not None else torch.arange(length, device=dev)[None].expand(b, length)
+        inv = torch.full((b, length), -1, dtype=torch.long, device=dev)
+        inv.scatter_(1, cur, torch.arange(cur.shape[1], device=dev)[None].expand_as(cur).contiguous())
         cont = state.continuation
-        if cont is not None and cont.keep is not None and cont.keep.shape[0] == b and cont.keep.shape[1] <= length:
-            # an uncached generation step: keep the prefill's selection; every later token is text
-            keep = torch.ones(b, length, dtype=torch.bool, device=cont.keep.device)
-            keep[:, :cont.keep.shape[1]] = cont.keep
-            self.apply_keep(state, keep.to(_visual(state).device), b, length)
-            return
-        keep = self.choose(state, la, qk, b, length)
-        if state.uncached:
-            c = getattr(self.h._local, "continuation", None)
-            if c is not None and c.keep is None:
-                c.keep = keep
-        self.apply_keep(state, keep, b, length)
+        if cont is not None and len(cont.keeps) > s and cont.keeps[s].shape[0] == b \
+                and cont.keeps[s].shape[1] <= length:
+            # an uncached generation step: keep the prefill's selection (and merged states: the
+            # prefix is the same, so they are too); every later token is text
+            keep = torch.ones(b, length, dtype=torch.bool, device=dev)
+            keep[:, :cont.keeps[s].shape[1]] = cont.keeps[s].to(dev)
+            merges = cont.merges[s]
+        else:
+            keep, merges = self.choose(state, s, hidden, cur, inv, prev)
+            if state.uncached:
+                c = getattr(self.h._local, "continuation", None)
+                if c is not None and len(c.keeps) == s:
+                    c.keeps.append(keep)
+                    c.merges.append(merges)
+        self.cut(state, s, keep, cur, inv, merges)
+        fv.stage += 1
 
-    def choose(self, state: CallState, la: Any, qk: dict[str, torch.Tensor], b: int, length: int) -> torch.Tensor:
-        """[B, L] keep mask at the LLM input from the last prompt token's attention at layer K-1."""
+    def _content(self, sp: Span, fixed: torch.Tensor) -> torch.Tensor:
+        """A run's candidate columns: not a kept CLS prefix, not a layout token."""
+        cand = torch.ones(sp.cols.numel(), dtype=torch.bool)
+        cand[: self.h._prefix] = False
+        cand[fixed.cpu()] = False
+        return sp.cols[cand]
+
+    def choose(self, state: CallState, s: int, hidden: torch.Tensor, cur: torch.Tensor, inv: torch.Tensor,
+               prev: InnerCut | None) -> tuple[torch.Tensor, list[tuple[int, torch.Tensor, torch.Tensor]]]:
+        """[B, L] keep mask of stage s (a subset of the previous one) from the strategy's signals,
+        and the merges: (row, positions in the current sequence, new hidden states) of kept tokens
+        that carry merged ones."""
         fv = state.inner
-        assert fv is not None
-        rows = torch.arange(b)
-        last = fv.last.cpu()
-        q = qk["q"].reshape(b, length, la.num_heads, la.head_dim)[rows, last][:, None]  # [B, 1, H, d]
-        kk = qk["k"].reshape(b, length, la.num_kv_heads, la.head_dim).transpose(1, 2)   # [B, Hkv, L, d]
-        assert fv.rope is not None, "layer K-1 ran without position_embeddings"
-        cos, sin = fv.rope
-        fv.rope = None
-        cos, sin = cos.expand(b, *cos.shape[1:]), sin.expand(b, *sin.shape[1:])
-        q = la.rotary(q.transpose(1, 2), cos[rows, last][:, None], sin[rows, last][:, None])
-        kk = la.rotary(kk, cos, sin)
-        dev = kk.device
-        valid = fv.valid.to(dev) & (torch.arange(length, device=dev)[None] <= fv.last.to(dev)[:, None])
-        row = last_row_attention(q, kk, la.scaling, valid)                      # [B, L]
+        assert fv is not None and fv.keep is not None
+        sig = self.spec.llm_signals
+        b, length = _visual(state).shape
+        n_cur = cur.shape[1]
+        dev = hidden.device
+        cur, inv = cur.to(dev), inv.to(dev)
+        valid = fv.valid.to(dev).gather(1, cur)
+        if prev is not None and prev.ghost is not None:
+            valid = valid & ~prev.ghost.to(dev)
+        last = inv.gather(1, fv.last.to(dev)[:, None])[:, 0]            # [B] in the current sequence
+        seen = valid & (torch.arange(n_cur, device=dev)[None] <= last[:, None])
+        q = kk = cos = sin = None
+        if sig & QK_SIGNALS:
+            layer = self.layers[s] - 1
+            la = self.h.family.llm_attention(layer)
+            qk = state.qk.pop(layer)
+            assert fv.rope is not None, f"layer {layer} ran without position_embeddings"
+            cos, sin = fv.rope
+            fv.rope = None
+            cos, sin = cos.expand(b, *cos.shape[1:]), sin.expand(b, *sin.shape[1:])
+            kk = la.rotary(qk["k"].reshape(b, n_cur, la.num_kv_heads, la.head_dim).transpose(1, 2), cos, sin)
+            if sig & Q_SIGNALS:
+                q = qk["q"].reshape(b, n_cur, la.num_heads, la.head_dim)
+        row = None
+        if "attention" in sig:
+            assert q is not None and kk is not None and cos is not None and sin is not None
+            rows = torch.arange(b, device=dev)
+            q_last = la.rotary(q[rows, last][:, None].transpose(1, 2), cos[rows, last][:, None],
+                               sin[rows, last][:, None])
+            row = last_row_attention(q_last, kk, la.scaling, seen)                       # [B, Lc]
+        keys = kk.transpose(1, 2).reshape(b, n_cur, -1) if "keys" in sig and kk is not None else None
         visual = _visual(state).to(dev)
-        keep = ~visual
-        p = self.h._prefix
-        for sp, fixed in zip(state.spans, fv.fixed):
-            span = sp.cols.to(dev)
+        keep = fv.keep.to(dev).clone()
+        merges: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        positions = torch.arange(length, device=dev)
+        norm = self.h.family.llm_final_norm() if "hidden" in sig else None
+        for j, (sp, fixed) in enumerate(zip(state.spans, fv.fixed)):
+            content = self._content(sp, fixed).to(dev)
+            if s == 0:
+                fv.n_in.append(int(content.numel()))
             if not self.applies(sp):
-                keep[sp.row, span] = True
                 continue
-            cand = torch.ones(span.numel(), dtype=torch.bool, device=dev)
-            cand[:p] = False
-            cand[fixed.to(dev)] = False             # layout tokens: kept, not in the budget
-            content = span[cand]
-            n_keep = self.h.lconfig.tokens_for(content.numel() + p) - p   # a kept CLS prefix counts, as before the LLM
+            r = sp.row
+            alive = content[keep[r, content]]
+            pos = inv[r, alive]
+            tokens = LLMTokens(stage=s, n_in=fv.n_in[j])
+            text_full = torch.nonzero((positions > sp.cols.max().to(dev)) & (positions <= fv.last[r].to(dev))
+                                      & fv.valid[r].to(dev) & ~visual[r]).flatten()
+            text = inv[r, text_full]
+            if row is not None:
+                tokens.attention = row[r, pos]
+            if "text_attention" in sig:
+                assert q is not None and kk is not None and cos is not None and sin is not None
+                qt = la.rotary(q[r, text][None].transpose(1, 2), cos[r, text][None], sin[r, text][None])[0]
+                ok = seen[r][None] & (torch.arange(n_cur, device=dev)[None] <= text[:, None])
+                tokens.text_attention = rows_attention(qt, kk[r], la.scaling, ok)[:, pos]     # [T, N]
+            if keys is not None:
+                tokens.keys, tokens.text_keys = keys[r, pos], keys[r, text]
+            if "hidden" in sig:
+                tokens.hidden, tokens.text_hidden, tokens.final_norm = hidden[r, pos], hidden[r, text], norm
+            if "embeds" in sig:
+                assert fv.embeds is not None
+                e = fv.embeds.to(dev)
+                tokens.embeds, tokens.text_embeds = e[r, content], e[r, text_full]
+                tokens.alive = torch.nonzero(keep[r, content]).flatten()
+            first = self.h.lconfig.tokens_for(fv.n_in[j] + self.h._prefix) - self.h._prefix  # a kept CLS prefix counts
+            n_keep = first if self.spec.llm_budget is None else self.spec.llm_budget(
+                self.h.lconfig, s, first, fv.n_in[j])
+            n_keep = max(0, min(n_keep, int(alive.numel())))
             assert self.spec.select_llm is not None
-            kept = self.spec.select_llm(self.h.lconfig, row[sp.row, content], n_keep)
-            keep[sp.row, span[~cand]] = True
-            keep[sp.row, content[kept]] = True
-        return keep
+            got = self.spec.select_llm(self.h.lconfig, tokens, n_keep)
+            feats: torch.Tensor | None = None
+            if isinstance(got, Selection):      # a merging rule: the kept tokens' new hidden states
+                kept, feats = got.indices.to(dev), got.features
+            else:
+                kept = got.to(dev)
+            if kept.numel() != n_keep or torch.unique(kept).numel() != n_keep:
+                raise RuntimeError(f"{self.spec.name} returned {kept.numel()} indices (unique: "
+                                   f"{torch.unique(kept).numel()}) for a budget of {n_keep}")
+            if feats is None and self.spec.merge_llm is not None:
+                feats = self.spec.merge_llm(self.h.lconfig, hidden[r, pos], kept)
+            if feats is not None:
+                merges.append((r, pos[kept], feats))
+            drop = torch.ones(alive.numel(), dtype=torch.bool, device=dev)
+            drop[kept] = False
+            keep[r, alive[drop]] = False
+        return keep, merges
 
-    def apply_keep(self, state: CallState, keep: torch.Tensor, b: int, length: int) -> None:
-        """Stats, ghost padding, the layer-K gather index and the record for ``keep`` [B, L]."""
+    def cut(self, state: CallState, s: int, keep: torch.Tensor, cur: torch.Tensor, inv: torch.Tensor,
+            merges: list[tuple[int, torch.Tensor, torch.Tensor]]) -> None:
+        """Stats of stage s; if it dropped anything: ghost padding, its :class:`InnerCut` and the record."""
         fv = state.inner
         assert fv is not None
-        visual = _visual(state).to(keep.device)
         dev = keep.device
-        if self.h.vspec is None:
-            self.h._fill_stats(state, keep, b, [int(f.numel()) for f in fv.fixed])
-        else:  # stacked: stats describe the LLM input; the inner stage adds its own counts
-            st = state.stats
-            assert st is not None
-            st.inner_tokens_kept = (visual & keep).sum(1).tolist()
-            st.inner_kept_indices = [[] for _ in range(b)]
-            for sp in state.spans:
-                st.inner_kept_indices[sp.row].append(torch.nonzero(keep[sp.row, sp.cols.to(dev)]).flatten().cpu())
+        cur, inv = cur.to(dev), inv.to(dev)
+        b, length = keep.shape
+        visual = _visual(state).to(dev)
+        st = state.stats
+        assert st is not None
+        kept_idx: list[list[torch.Tensor]] = [[] for _ in range(b)]
+        for sp in state.spans:
+            kept_idx[sp.row].append(torch.nonzero(keep[sp.row, sp.cols.to(dev)]).flatten().cpu())
+        st.stages.append(StageStats(layer=self.layers[s], tokens_kept=(visual & keep).sum(1).tolist(),
+                                    kept_indices=kept_idx, merged=bool(merges)))
+        if s == 0:
+            if self.h.vspec is None:
+                self.h._fill_stats(state, keep, b, [int(f.numel()) for f in fv.fixed])
+            else:  # stacked: stats describe the LLM input; the inner stage adds its own counts
+                st.inner_tokens_kept = st.stages[0].tokens_kept
+                st.inner_kept_indices = kept_idx
         fv.keep = keep
-        # rows must keep equal lengths: pad short rows with "ghost" tokens (dropped visual tokens
-        # that stay in the sequence but are hidden as keys from every query)
-        dropped = (visual & ~keep).sum(1)
-        extra = dropped - dropped.min()
-        ghost_full = torch.zeros_like(keep)
-        for r in range(b):
-            if int(extra[r]):
-                cand = torch.nonzero(visual[r] & ~keep[r]).flatten()[: int(extra[r])]
-                ghost_full[r, cand] = True
-        keep_k = keep | ghost_full
-        idx = left_packed_index(keep_k)
-        ghost = torch.gather(ghost_full, 1, idx) if bool(ghost_full.any()) else None
-        fv.idx, fv.ghost = idx, ghost
-        self.h._slice_labels(idx, ghost)
-        self.h._fill_flops(state, length, idx.shape[1], b, split_layer=self.k)
-        if bool((visual & ~keep).any()):
+        present = torch.zeros(b, length, dtype=torch.bool, device=dev)
+        present.scatter_(1, cur, True)
+        dropped = present & ~keep
+        if bool(dropped.any()):
+            # rows must keep equal lengths: pad short rows with "ghost" tokens (dropped tokens that
+            # stay in the sequence but are hidden as keys from every query)
+            count = dropped.sum(1)
+            extra = count - count.min()
+            ghost_full = torch.zeros_like(keep)
+            for r in range(b):
+                if int(extra[r]):
+                    ghost_full[r, torch.nonzero(dropped[r]).flatten()[: int(extra[r])]] = True
+            idx = left_packed_index(keep | ghost_full)
+            ghost = torch.gather(ghost_full, 1, idx) if bool(ghost_full.any()) else None
+            local = inv.gather(1, idx)
+            fv.cuts.append(InnerCut(layer=self.layers[s], idx=idx, ghost=ghost, local=local, merges=merges))
+            self.h._slice_labels(local, ghost)
             rec = state.pending or PruneRecord(full_len=length)   # stacked: extend the input record
-            rec.inner_len, rec.layer, rec.idx_k, rec.ghost = length, self.k, idx, ghost
+            rec.inner_len, rec.cuts = length, fv.cuts
             state.pending = rec
             state.record = rec
+        segments = [(0, length)] + [(c.layer, c.idx.shape[1]) for c in fv.cuts]
+        self.h._fill_flops(state, length, length, b, segments=segments)
 
-    def layer_pre(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]):
+    # -- the layers >= K_0 ----------------------------------------------------------------------
+    def layer_pre(self, layer: int, module: nn.Module, args: tuple, kwargs: dict[str, Any]):
         state = self.h._state.get()
         if state is None:
             return None
+        fv = state.inner
+        if fv is not None and not fv.chosen and layer == self.layers[fv.stage]:
+            t0 = time.perf_counter()
+            self.select(state, args[0] if args else kwargs["hidden_states"])
+            state.seconds += time.perf_counter() - t0
         rec = state.record
-        if rec is None or rec.idx_k is None:
+        if rec is None or not rec.cuts:
             return None
+        i = max((j for j, c in enumerate(rec.cuts) if c.layer <= layer), default=-1)
+        if i < 0:
+            return None
+        cut = rec.cuts[i]
         t0 = time.perf_counter()
         new = dict(kwargs)
-        prefill = state.inner is not None and state.inner.idx is rec.idx_k
-        if prefill:
-            idx = rec.idx_k
-            hidden = args[0] if args else kwargs["hidden_states"]
-            if hidden.shape[1] == rec.inner_len:  # layer K: later layers get the short output of K
-                if self.spec.merge_llm is not None:
-                    hidden = self.merge(state, hidden)
-                hidden = take(hidden, idx, 1, 0)
+        if fv is not None and rec.cuts is fv.cuts:       # this call's prefill
+            if i >= fv.applied:           # the first layer of the cut: later layers get its output
+                hidden = args[0] if args else kwargs["hidden_states"]
+                if cut.merges:
+                    hidden = hidden.clone()
+                    for r, pos, feats in cut.merges:
+                        hidden[r, pos.to(hidden.device)] = feats.to(hidden.dtype)
+                hidden = take(hidden, cut.local, 1, 0)
+                fv.applied = i + 1
                 if args:
                     args = (hidden,) + tuple(args[1:])
                 else:
                     new["hidden_states"] = hidden
+            idx = cut.idx
             pe = kwargs.get("position_embeddings")
             if pe is not None:
-                new["position_embeddings"] = tuple(self._memo(state, t, lambda x: take(x, idx, 1, 0)) for t in pe)
+                new["position_embeddings"] = tuple(self._memo(state, t, i, lambda x: take(x, idx, 1, 0)) for t in pe)
             if kwargs.get("position_ids") is not None:
-                new["position_ids"] = self._memo(state, kwargs["position_ids"], lambda p: take_positions(p, idx))
-            new["attention_mask"] = self._inner_mask_prefill(state, rec, kwargs.get("attention_mask"))
+                new["position_ids"] = self._memo(state, kwargs["position_ids"], i, lambda p: take_positions(p, idx))
+            new["attention_mask"] = self._inner_mask_prefill(state, cut, i, kwargs.get("attention_mask"))
         else:
             hidden = args[0] if args else kwargs["hidden_states"]
-            new["attention_mask"] = self._inner_mask_decode(state, rec, kwargs, hidden.shape[1])
+            new["attention_mask"] = self._inner_mask_decode(state, rec, cut, i, kwargs, hidden.shape[1])
         state.seconds += time.perf_counter() - t0
         return args, new
-
-    def merge(self, state: CallState, hidden: torch.Tensor) -> torch.Tensor:
-        """Merge each image's dropped tokens into its kept ones (HoliTom "M") before slicing at K."""
-        assert state.inner is not None and state.inner.keep is not None
-        keep = state.inner.keep.to(hidden.device)
-        out = hidden.clone()
-        for sp, fixed in zip(state.spans, state.inner.fixed):
-            if not self.applies(sp):
-                continue
-            cand = torch.ones(sp.cols.numel(), dtype=torch.bool)
-            cand[: self.h._prefix] = False
-            cand[fixed] = False
-            r, grid = sp.row, sp.cols[cand].to(hidden.device)
-            kept = torch.nonzero(keep[r, grid]).flatten()
-            out[r, grid[kept]] = self.spec.merge_llm(self.h.lconfig, hidden[r, grid], kept)  # type: ignore[misc]
-        return out
 
     def applies(self, sp: Span) -> bool:
         return self.h.inner_modalities is None or sp.modality in self.h.inner_modalities
@@ -243,26 +339,26 @@ class InnerStage:
             sp.cols = new[new >= 0]
         state.visual = take(_visual(state), idx, 1, False)
 
-    def _memo(self, state: CallState, t: torch.Tensor, fn) -> torch.Tensor:
-        hit = state.memo.get(id(t))
+    def _memo(self, state: CallState, t: torch.Tensor, tag: int, fn) -> torch.Tensor:
+        """``fn(t)`` once per call and cut (every layer of a cut gets the same object)."""
+        hit = state.memo.get((id(t), tag))
         if hit is not None and hit[0] is t:
             return hit[1]
         out = fn(t)
-        state.memo[id(t)] = (t, out)
+        state.memo[(id(t), tag)] = (t, out)
         return out
 
-    def _inner_mask_prefill(self, state: CallState, rec: PruneRecord, mask: Any) -> Any:
-        idx, ghost = rec.idx_k, rec.ghost
-        assert idx is not None
+    def _inner_mask_prefill(self, state: CallState, cut: InnerCut, i: int, mask: Any) -> Any:
+        idx, ghost = cut.idx, cut.ghost
         if mask is None:
             if ghost is None:
                 return None  # causal, no padding: the kernel's own causal path stays valid
 
-            def causal(i: torch.Tensor) -> torch.Tensor:
-                n = i.shape[1]
-                m = torch.tril(torch.ones(n, n, dtype=torch.bool, device=i.device))
-                return mask_keys(m[None, None].expand(i.shape[0], 1, n, n), ghost, n)
-            return self._memo(state, idx, causal)
+            def causal(x: torch.Tensor) -> torch.Tensor:
+                n = x.shape[1]
+                m = torch.tril(torch.ones(n, n, dtype=torch.bool, device=x.device))
+                return mask_keys(m[None, None].expand(x.shape[0], 1, n, n), ghost, n)
+            return self._memo(state, idx, i, causal)
 
         def build(m: torch.Tensor) -> torch.Tensor:
             if m.dim() == 2:
@@ -271,16 +367,16 @@ class InnerStage:
                 fill = min_value(m)
                 out = take(take(m, idx, 2, fill), idx, 3, fill)
             return mask_keys(out, ghost, idx.shape[1]) if ghost is not None else out
-        return self._memo(state, mask, build)
+        return self._memo(state, mask, i, build)
 
-    def _inner_mask_decode(self, state: CallState, rec: PruneRecord, kwargs: dict[str, Any], q: int) -> Any:
+    def _inner_mask_decode(self, state: CallState, rec: PruneRecord, cut: InnerCut, i: int,
+                           kwargs: dict[str, Any], q: int) -> Any:
         mask = kwargs.get("attention_mask")
-        idx, ghost, full = rec.idx_k, rec.ghost, rec.inner_len
-        assert idx is not None and rec.layer is not None
+        idx, ghost, full = cut.idx, cut.ghost, rec.inner_len
         if mask is None:
             if ghost is None:
                 return None
-            kv = seq_len(cache_of(kwargs), rec.layer) + q
+            kv = seq_len(cache_of(kwargs), cut.layer) + q
             m = torch.ones(idx.shape[0], 1, q, kv, dtype=torch.bool, device=idx.device)
             return mask_keys(m, ghost, idx.shape[1])
 
@@ -288,4 +384,4 @@ class InnerStage:
             fill = 0 if m.dim() == 2 else min_value(m)
             out = torch.cat([take(m[..., :full], idx, m.dim() - 1, fill), m[..., full:]], dim=-1)
             return mask_keys(out, ghost, idx.shape[1]) if ghost is not None else out
-        return self._memo(state, mask, build)
+        return self._memo(state, mask, i, build)

@@ -53,6 +53,13 @@ def register_strategy(spec: "StrategySpec") -> "StrategySpec":
         raise ValueError("a vision-stage strategy needs requests= and select=")
     if spec.stage == "llm" and (spec.llm_layer is None or spec.select_llm is None):
         raise ValueError("an llm-stage strategy needs llm_layer= and select_llm=")
+    from .strategies.base import LLM_SIGNALS
+
+    if spec.text and (spec.stage != "vision" or spec.features != "llm"):
+        raise ValueError("text=True is for vision-stage strategies on LLM-space features (features='llm')")
+
+    if spec.stage == "llm" and (not spec.llm_signals or not set(spec.llm_signals) <= set(LLM_SIGNALS)):
+        raise ValueError(f"llm_signals must be a non-empty subset of {LLM_SIGNALS}; got {sorted(spec.llm_signals)}")
     _STRATEGIES[spec.name] = spec
     _BY_CONFIG[spec.config_cls] = spec
     log.debug("registered strategy %s (%s stage)", spec.name, spec.stage)

@@ -13,6 +13,22 @@ from .stats import PruneStats
 
 
 @dataclass
+class InnerCut:
+    """One inner-LLM stage that dropped tokens: from decoder ``layer`` on (until the next cut) the
+    sequence holds the LLM-input positions ``idx`` [B, L_s], of which ``ghost`` [B, L_s] (or None)
+    only pad a row (masked keys); ``local`` [B, L_s]: the same tokens as positions in the sequence
+    before this cut (the gather index of the hidden states at ``layer``)."""
+
+    layer: int
+    idx: torch.Tensor
+    ghost: torch.Tensor | None
+    local: torch.Tensor
+    #: merging strategies: (row, positions in the sequence before the cut [n], their new hidden
+    #: states [n, D]) written before the gather
+    merges: list[tuple[int, torch.Tensor, torch.Tensor]] = field(default_factory=list)
+
+
+@dataclass
 class PruneRecord:
     """What a prefill kept; outlives the call, keyed by its KV cache, used on decode steps."""
 
@@ -20,10 +36,8 @@ class PruneRecord:
     idx: torch.Tensor | None = None        # [B, L'] input-level gather index (-1 = new padding)
     dropped: torch.Tensor | None = None    # [B] visual tokens dropped per row (compact positions)
     compact: bool = False
-    layer: int | None = None               # inner-LLM: first layer that sees the kept tokens
     inner_len: int = 0                     # inner-LLM: sequence length at the LLM input
-    idx_k: torch.Tensor | None = None      # [B, L_K] kept positions at layer K
-    ghost: torch.Tensor | None = None      # [B, L_K] True where a token only pads a row (masked key)
+    cuts: list[InnerCut] = field(default_factory=list)   # inner-LLM: the stages that dropped tokens
     pad2d: torch.Tensor | None = None      # [B, full_len] the prefill's 2D padding mask (static caches
                                            # get a 4D mask per step, which no longer says it)
     tail: torch.Tensor | None = None       # [B, <= full_len - L'] ids of the last consumed tokens: a
@@ -76,6 +90,9 @@ class Encoded:
     seconds: float
     seq: int                               # increasing per handle: orders encodings and calls
     raw: Any = None                        # select-at-LLM families: (scores, projector output)
+    #: instruction-conditioned strategies: (flattened projector output [R, D], layouts), selected
+    #: at the LLM input, where the prompt is known
+    deferred: tuple[torch.Tensor, list[ImageLayout]] | None = None
 
 
 @dataclass
@@ -93,25 +110,33 @@ class Continuation:
 
     prompt: torch.Tensor                   # [B, L0] input ids of the first call
     visual: tuple[Any, ...]                # the visual inputs of that call (same objects every step)
-    keep: torch.Tensor | None = None       # [B, L0'] inner-stage keep mask over the LLM input
+    keeps: list[torch.Tensor] = field(default_factory=list)   # per inner stage: [B, L0'] keep mask
+                                                              # over the LLM input
+    merges: list[list[tuple[int, torch.Tensor, torch.Tensor]]] = field(default_factory=list)  # per stage
 
 
 @dataclass
 class InnerPass:
-    """One prefill's inner-LLM stage: what the scoring at layer K-1 needs, then what it chose."""
+    """One prefill's inner-LLM stages: what the signals at each layer K_s-1 need, then what each
+    stage chose (positions are the LLM input's)."""
 
     valid: torch.Tensor                    # [B, L] real (non-padding) tokens at the LLM input
     last: torch.Tensor                     # [B] the last real token of each row (the scoring query)
     length: int                            # L
     fixed: list[torch.Tensor]              # per placeholder run: layout positions (kept, not counted)
-    rope: tuple[torch.Tensor, torch.Tensor] | None = None   # layer K-1's (cos, sin)
-    keep: torch.Tensor | None = None       # [B, L] chosen: kept tokens
-    idx: torch.Tensor | None = None        # [B, L_K] chosen: gather index at layer K
-    ghost: torch.Tensor | None = None      # [B, L_K] chosen: tokens that only pad a row
+    n_stages: int = 1
+    stage: int = 0                         # the next stage to choose
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None   # layer K_s-1's (cos, sin)
+    keep: torch.Tensor | None = None       # [B, L] kept tokens after the stages chosen so far
+    n_in: list[int] = field(default_factory=list)           # per run: candidates before stage 0
+    cuts: list[InnerCut] = field(default_factory=list)      # the chosen stages that dropped tokens
+    applied: int = 0                       # cuts already applied to the hidden states
+    embeds: torch.Tensor | None = None     # [B, L, D] the LLM input (strategies reading "embeds")
 
     @property
     def chosen(self) -> bool:
-        return self.idx is not None
+        """Every stage has chosen."""
+        return self.stage >= self.n_stages
 
 
 @dataclass
@@ -134,4 +159,4 @@ class CallState:
     continuation: Continuation | None = None   # uncached step of a generation: reuse its selection
     uncached: bool = False                     # no KV cache in this call
     ids: torch.Tensor | None = None            # [B, L] the call's input ids (before any pruning)
-    memo: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    memo: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)

@@ -29,6 +29,22 @@ def layer_flops(n_tokens: int, dims: LayerDims, causal: bool) -> float:
 
 
 @dataclass
+class StageStats:
+    """What one inner-LLM stage kept: from decoder ``layer`` on, ``tokens_kept`` visual tokens per
+    sample, and per sample, per image / video, ``kept_indices`` (ascending, into the tokens that
+    reached the LLM for that image); ``merged``: whether kept tokens carry merged states."""
+
+    layer: int
+    tokens_kept: list[int]
+    kept_indices: list[list[torch.Tensor]]
+    merged: bool = False      #: kept tokens carry merged hidden states (HoliTom "M", SparseVLM's recycling)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"layer": self.layer, "tokens_kept": list(self.tokens_kept),
+                "kept_indices": [[t.tolist() for t in row] for row in self.kept_indices], "merged": self.merged}
+
+
+@dataclass
 class PruneStats:
     """Statistics of the last pruned call (prefill of a generate).
 
@@ -56,6 +72,9 @@ class PruneStats:
     #: stacked only: per sample, per image / video, indices (into the tokens the outer stage kept,
     #: in order) of those the inner stage keeps from layer K
     inner_kept_indices: list[list[torch.Tensor]] | None = None
+    #: inner-LLM strategies: one entry per stage (one for FastV; PyramidDrop's several), in layer
+    #: order; a strategy acting inside the LLM alone reports its first stage in ``visual_tokens_kept``
+    stages: list[StageStats] = field(default_factory=list)
     prune_ms: float = 0.0
     flops_before: float = 0.0
     flops_after: float = 0.0
@@ -69,6 +88,7 @@ class PruneStats:
             "merge_groups": [[None if g is None else g.tolist() for g in row] for row in self.merge_groups],
             "layout_tokens": list(self.layout_tokens),
             "inner_tokens_kept": self.inner_tokens_kept,
+            "stages": [s.as_dict() for s in self.stages],
             "prune_ms": self.prune_ms,
             "flops_before": self.flops_before,
             "flops_after": self.flops_after,

@@ -29,6 +29,7 @@ from torch import nn
 from . import api, registry
 from .errors import IncompatibleStrategyError, UnsupportedCallError
 from .sequence import output_cache
+from .strategies.base import LLMTokens, Selection
 
 NEW = 4   #: tokens generated per check
 
@@ -40,7 +41,9 @@ class FamilyCase:
     ``build(dtype)``: a model in eval mode; ``inputs(seed)``: one prompt with its visual inputs (a
     batch row of 1); ``batch()``: optionally, a left-padded batch of rows with different visual
     inputs and the same rows alone; ``suppress``: token ids generation must not emit (placeholder
-    ids: an uncached step re-feeds the generated tokens with the pixels)."""
+    ids: an uncached step re-feeds the generated tokens with the pixels); ``extra``:
+    ``positions_from_mask=True`` numbers a padded batch's plain forward from its mask, as
+    ``generate`` does (families with 1-D positions)."""
 
     name: str
     build: Callable[..., nn.Module]
@@ -100,10 +103,10 @@ def builtin_cases() -> list[FamilyCase]:
             rows = [t.anyres_inputs(proc, images=[im]) for im in imgs]
             return dict(proc(text=texts, images=imgs, return_tensors="pt", padding=True)), rows
         return FamilyCase(kind, build=lambda dtype=torch.float32: t.build_anyres(kind, dtype=dtype), inputs=inputs,
-                          batch=batch, suppress=tuple(t.ANYRES_IDS.values()))
+                          batch=batch, suppress=tuple(t.ANYRES_IDS.values()), extra={"positions_from_mask": True})
 
     return [FamilyCase("llava", build=lambda dtype=torch.float32: t.build_llava(dtype=dtype),
-                       inputs=llava_inputs, batch=llava_batch, suppress=(4,)),
+                       inputs=llava_inputs, batch=llava_batch, suppress=(4,), extra={"positions_from_mask": True}),
             anyres("llava_next"), anyres("llava_onevision"), qwen("qwen2_vl"), qwen("qwen2_5_vl"), qwen("qwen3_vl")]
 
 
@@ -236,6 +239,68 @@ def eager_last_row(clean: Any, inp: dict[str, Any], layer: int) -> torch.Tensor:
     return att[0].float().mean(0)[-1]
 
 
+@torch.no_grad()
+def eager_signals(clean: Any, inp: dict[str, Any], layer: int, signals: frozenset[str]) -> dict[str, Any]:
+    """Row 0's inner-LLM signals at stage 0 from the *unpatched* model, computed independently of
+    the engine: ``attention`` [L, L] head-mean rows of decoder ``layer`` = K-1 (an eager copy with
+    ``output_attentions``), ``keys`` [L, Hkv*d] (that layer's key projection, rotated with the
+    family's rotary), ``hidden`` [L, D] (the hidden states entering layer K), ``embeds`` [L, D]
+    (the LLM input) and ``final_norm``."""
+    out: dict[str, Any] = {}
+    if signals & {"attention", "text_attention"}:
+        m = copy.deepcopy(clean)
+        m.set_attn_implementation({"text_config": "eager"})
+        out["attention"] = m(**inp, output_attentions=True).attentions[layer][0].float().mean(0)
+    family = api.family_for(clean)
+    got: dict[str, Any] = {}
+    hooks = []
+    if "keys" in signals:
+        la = family.llm_attention(layer)
+        hooks.append(la.k_source.register_forward_hook(lambda mod, a, o: got.setdefault("k", o)))
+        hooks.append(la.module.register_forward_pre_hook(
+            lambda mod, a, kw: got.setdefault("pe", kw.get("position_embeddings")) and None, with_kwargs=True))
+    if "hidden" in signals:    # what layer K receives (DeepStack adds features after layer K-1's output)
+        def grab(mod: nn.Module, a: tuple, kw: dict[str, Any]) -> None:
+            got.setdefault("h", a[0] if a else kw["hidden_states"])
+        hooks.append(family.decoder_layers[layer + 1].register_forward_pre_hook(grab, with_kwargs=True))
+    cap = LMInputs(clean)
+    try:
+        clean(**inp)
+    finally:
+        for hk in hooks:
+            hk.remove()
+    out["embeds"] = cap.close()["inputs_embeds"][0]
+    if "hidden" in signals:
+        out["hidden"] = got["h"][0]
+        out["final_norm"] = family.llm_final_norm()
+    if "keys" in signals:
+        k = got["k"]
+        n = k.shape[1]
+        kk = k.reshape(1, n, la.num_kv_heads, la.head_dim).transpose(1, 2)
+        cos, sin = got["pe"]
+        out["keys"] = la.rotary(kk, cos[:1], sin[:1]).transpose(1, 2).reshape(n, -1)
+    return out
+
+
+def reference_tokens(sig: dict[str, Any], signals: frozenset[str], run: torch.Tensor, content: torch.Tensor,
+                     text: torch.Tensor) -> Any:
+    """The :class:`LLMTokens` stage 0 of a run gets, from :func:`eager_signals` (row 0)."""
+    cols = run[content]
+    t = LLMTokens(stage=0, n_in=int(content.numel()))
+    if "attention" in signals:
+        t.attention = sig["attention"][-1, cols]
+    if "text_attention" in signals:
+        t.text_attention = sig["attention"][text][:, cols]
+    if "keys" in signals:
+        t.keys, t.text_keys = sig["keys"][cols], sig["keys"][text]
+    if "hidden" in signals:
+        t.hidden, t.text_hidden, t.final_norm = sig["hidden"][cols], sig["hidden"][text], sig["final_norm"]
+    if "embeds" in signals:
+        t.embeds, t.text_embeds = sig["embeds"][cols], sig["embeds"][text]
+        t.alive = torch.arange(cols.numel())
+    return t
+
+
 # ----------------------------------------------------------------------------------------------
 # the suite
 # ----------------------------------------------------------------------------------------------
@@ -352,7 +417,7 @@ class ConformanceSuite:
         h = self.apply(model, name, params, inner)
         family = h.family
         lengths: dict[int, int] = {}
-        layers = {0} | ({h.llm_layer} if h.llm_layer is not None else set())
+        layers = {0} | set(h.llm_layers)
         hooks = [family.decoder_layers[i].register_forward_pre_hook(
             lambda m, a, k, i=i: lengths.setdefault(i, (a[0] if a else k["hidden_states"]).shape[1]) and None,
             with_kwargs=True) for i in layers]
@@ -367,6 +432,8 @@ class ConformanceSuite:
         if h.llm_layer is not None:
             inner_kept = st.inner_tokens_kept[0] if h.vspec is not None else st.visual_tokens_kept[0]
             assert lengths[h.llm_layer] == n_text + inner_kept
+            for stage in st.stages:          # every stage: the text and exactly what it kept
+                assert lengths[stage.layer] == n_text + stage.tokens_kept[0]
         for k in st.kept_indices[0]:
             assert torch.equal(k, torch.unique(k))
         if family.tokens_per_image is not None and h.vspec is not None:
@@ -404,9 +471,11 @@ class ConformanceSuite:
         torch.testing.assert_close(out, ref, atol=3e-5, rtol=1e-5)
 
     def test_inner_selection_follows_the_strategys_rule(self, combo: Any) -> None:
-        """Inner-LLM stage alone: the kept set is the strategy's own ``select_llm`` on the last
-        prompt token's attention at layer K-1 (eager reference), per image / video; layout tokens
-        (the family's ``structural``) stay and are not counted."""
+        """Inner-LLM stage alone: the first stage's kept set is the strategy's own ``select_llm``
+        on the signals its spec names, computed from the unpatched model (eager attention, hooked
+        keys, output hidden states), per image / video; layout tokens (the family's
+        ``structural``) stay and are not counted. Later stages keep subsets of the earlier ones,
+        with the spec's counts."""
         case, name, params, inner, model = self.setup_combo(combo)
         spec = registry.get_strategy(name)
         if spec.stage != "llm":
@@ -417,7 +486,8 @@ class ConformanceSuite:
         with torch.no_grad():
             model(**inp)
         kept = h.last_stats.kept_indices[0]
-        row = eager_last_row(clean, inp, h.llm_layer - 1)
+        sig = eager_signals(clean, inp, h.llm_layer - 1, spec.llm_signals)
+        length = inp["input_ids"].shape[1]
         fam = h.family
         runs = placeholder_runs(clean, inp, kept)
         with torch.no_grad():
@@ -427,16 +497,31 @@ class ConformanceSuite:
         from .state import Span
 
         spans = [Span(row=0, cols=r, modality="image") for r in runs]
-        for got, run, fixed in zip(kept, runs, fam.structural(spans, e)):
+        visual = torch.zeros(length, dtype=torch.bool)
+        for r in runs:
+            visual[r] = True
+        stages = h.last_stats.stages
+        assert [st.layer for st in stages] == h.llm_layers
+        for j, (got, run, fixed) in enumerate(zip(kept, runs, fam.structural(spans, e))):
             cand = torch.ones(run.numel(), dtype=torch.bool)
             cand[: fam.num_prefix] = False
             cand[fixed] = False
             content = torch.nonzero(cand).flatten()
+            text = torch.nonzero((torch.arange(length) > run.max()) & ~visual).flatten()
             n = h.config.tokens_for(content.numel() + fam.num_prefix) - fam.num_prefix
             assert spec.select_llm is not None
-            want = content[spec.select_llm(h.config, row[run[content]], n).cpu()]
-            want = torch.sort(torch.cat([torch.nonzero(~cand).flatten(), want])).values
+            chosen = spec.select_llm(h.config, reference_tokens(sig, spec.llm_signals, run, content, text), n)
+            if isinstance(chosen, Selection):
+                chosen = chosen.indices
+            want = torch.sort(torch.cat([torch.nonzero(~cand).flatten(), content[chosen.cpu()]])).values
             assert torch.equal(got, want)
+            alive = n
+            for s, st in enumerate(stages[1:], start=1):   # nested, with the spec's counts
+                prev, now = stages[s - 1].kept_indices[0][j], st.kept_indices[0][j]
+                assert bool(torch.isin(now, prev).all())
+                if spec.llm_budget is not None:
+                    alive = max(0, min(spec.llm_budget(h.config, s, n, int(content.numel())), alive))
+                    assert now.numel() == alive + int((~cand).sum())
 
     def test_cached_equals_uncached(self, combo: Any) -> None:
         case, name, params, inner, model = self.setup_combo(combo)
@@ -454,8 +539,13 @@ class ConformanceSuite:
             pytest.skip(f"{case.name} gives no batch")
         batch, rows = case.batch()
         h = self.apply(model, name, params, inner)
+        fwd = dict(batch)
+        if case.extra.get("positions_from_mask") and "position_ids" not in fwd:
+            # number a left-padded row as generate does (and as it is alone): methods reading
+            # rotated keys (DART's key norms) depend on absolute positions, not only relative ones
+            fwd["position_ids"] = (batch["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
         with torch.no_grad():
-            out = model(**batch).logits
+            out = model(**fwd).logits
         gen = generate(model, batch, case)
         st_b = h.last_stats
         for r, single in enumerate(rows):
@@ -488,8 +578,9 @@ class ConformanceSuite:
         want = set()
         if h.vspec is not None:
             want |= {("vision", r.layer) for r in h.vspec.requests(h.vconfig, h.family.vision_info)}
-        if h.lspec is not None:
-            want.add(("llm", h.lspec.llm_layer(h.lconfig, h.family.llm_info) - 1))
+        if h.lspec is not None and h.lspec.llm_signals & {"attention", "text_attention", "keys"}:
+            got = h.lspec.llm_layer(h.lconfig, h.family.llm_info)
+            want |= {("llm", k - 1) for k in ([got] if isinstance(got, int) else got)}
         assert set(h.scored_layers) == want
 
     def test_bfloat16(self, combo: Any) -> None:
@@ -577,15 +668,16 @@ class ConformanceSuite:
         return cache, full, reuse, turn2.shape[1]
 
     def test_second_turn_reusing_the_cache(self, combo: Any) -> None:
-        """Vision stage: == a fresh call over the whole conversation. Inner stage: keeps the first
-        turn's kept set (documented) == feeding the cache the tokens it lacks by hand."""
+        """Vision stage: == a fresh call over the whole conversation. Inner stage and
+        instruction-conditioned selections: keep the first turn's kept set (documented) == feeding
+        the cache the tokens it lacks by hand."""
         case, name, params, inner, model = self.setup_combo(combo)
         inp = case.inputs(0)
         h = self.apply(model, name, params, inner)
         cache, full, reuse, n_new = self._first_turn(model, inp, case)
         first = h.last_stats.kept_indices[0]
         got = generate(model, reuse, case, **{cache_kwarg(): cache})
-        if h.lspec is None:
+        if h.lspec is None and not h.vs.text:
             assert torch.equal(got[:, -NEW:], generate(model, full, case)[:, -NEW:])
             return
         assert all(torch.equal(a, b) for a, b in zip(h.last_stats.kept_indices[0], first))

@@ -36,7 +36,7 @@ class BenchPreset:
     warmup: int
     decode_tokens: int
     strategies: tuple[str, ...] = ("hiprune", "fopru", "visionzip", "fastv", "random", "pool", "divprune", "vispruner",
-                                   "prumerge")
+                                   "prumerge", "dart", "pdrop", "sparsevlm", "cdpruner")
     reference: tuple[str, ...] = ("hiprune", "fopru", "visionzip")
     capture_batch: int | None = None   # extra vision-only batch for the capture-overhead goal
     extra: dict[str, Any] = field(default_factory=dict)

@@ -36,7 +36,7 @@ KEEPS = (1.0, 0.5, 0.333, 0.222, 0.111, 0.056)
 #: rows: a strategy name, or ``name:param=value[,param=value]``. FastV's paper K = 2 is 2 of 32 LLM
 #: layers; on this 4-layer LLM it leaves half the LLM seeing every token, so K = 1 is the closer row.
 STRATEGIES = ("hiprune", "visionzip", "fopru", "fastv", "fastv:layer=1", "random", "pool", "holitom_inner", "divprune",
-              "vispruner", "prumerge")
+              "vispruner", "prumerge", "dart", "dart:layer=1", "pdrop", "sparsevlm", "cdpruner")
 CONTROLS = ("objects first", "background only")
 #: paired comparisons reported under the table (:mod:`.paired`): the issue's goals (HiPrune vs
 #: unpruned; the papers' ordering HiPrune >= VisionZip > FastV, random, pool) and the object oracle
@@ -44,7 +44,11 @@ PAIRS = (("hiprune", "unpruned"), ("hiprune", "visionzip"), ("visionzip", "fastv
          ("visionzip", "random"), ("visionzip", "pool"), ("objects first", "hiprune"),
          # the methods added in issue 27, each against the strongest row and against random
          ("divprune", "hiprune"), ("divprune", "random"), ("vispruner", "hiprune"), ("vispruner", "random"),
-         ("prumerge", "hiprune"), ("prumerge", "random"))
+         ("prumerge", "hiprune"), ("prumerge", "random"),
+         # the inner-LLM ones against FastV (the same kind of method) and random; CDPruner against
+         # DivPrune (diversity without the instruction)
+         ("dart", "fastv"), ("dart (layer=1)", "fastv (layer=1)"), ("dart", "random"), ("pdrop", "fastv"),
+         ("sparsevlm", "fastv"), ("sparsevlm", "random"), ("cdpruner", "divprune"), ("cdpruner", "random"))
 PAIR_KEEPS = (0.333, 0.111)
 
 

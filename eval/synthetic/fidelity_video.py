@@ -62,6 +62,10 @@ STRATEGIES: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("evs", "evs", {}),                                  # vLLM's video method
     ("divprune", "divprune", {}),
     ("vispruner", "vispruner", {}),
+    ("dart", "dart", {}),
+    ("pdrop", "pdrop", {}),
+    ("sparsevlm", "sparsevlm", {}),
+    ("cdpruner", "cdpruner", {}),
 )
 #: paired comparisons under the table (:mod:`.paired`): HoliTom against the baselines and its own
 #: variants, and the per-frame selections against each other
@@ -69,7 +73,8 @@ PAIRS = (("holitom", "random"), ("holitom w/o M", "holitom"), ("holitom (tau=0.9
          ("holitom (tau=0.95)", "hiprune"), ("hiprune", "visionzip"), ("hiprune", "fastv"), ("hiprune", "random"),
          ("pool", "random"),
          # the methods added in issue 27: vLLM's EVS against HoliTom and random; the image methods per frame
-         ("evs", "holitom"), ("evs", "random"), ("divprune", "hiprune"), ("vispruner", "hiprune"))
+         ("evs", "holitom"), ("evs", "random"), ("divprune", "hiprune"), ("vispruner", "hiprune"),
+         ("dart", "fastv"), ("pdrop", "fastv"), ("sparsevlm", "fastv"), ("cdpruner", "divprune"))
 PAIR_KEEPS = (0.333, 0.111, 0.056)     # 0.056: where HoliTom's static threshold costs most here
 CONTROLS = {"changed first": "objects first", "static only": "background only"}   # -> fidelity.control_keep
 TEST_SEED = 20_000

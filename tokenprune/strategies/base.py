@@ -19,6 +19,10 @@ CAPABILITIES = ("cls_attention", "mean_attention", "keys", "features", "llm_atte
 
 ScoreKind = Literal["cls", "mean", "keys"]
 
+#: what an inner-LLM strategy can ask the engine for at each of its stages (see :class:`LLMTokens`)
+LLMSignal = Literal["attention", "text_attention", "keys", "hidden", "embeds"]
+LLM_SIGNALS: tuple[str, ...] = ("attention", "text_attention", "keys", "hidden", "embeds")
+
 
 @dataclass(frozen=True)
 class VisionInfo:
@@ -38,7 +42,11 @@ class VisionInfo:
 
 @dataclass(frozen=True)
 class LLMInfo:
+    """``num_layers``: decoder layers; ``min_layer``: the first layer an inner stage may cut at
+    (DeepStack families add visual features inside the layers before it)."""
+
     num_layers: int
+    min_layer: int = 1
 
 
 @dataclass(frozen=True)
@@ -66,6 +74,43 @@ class VisualTokens:
     scores: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
     #: video strategies (``unit="video"``): frames of ``grid`` each, frame-major (N = frames*h*w)
     frames: int = 1
+    #: instruction-conditioned strategies (``StrategySpec.text``): [T, D] LLM-input embeddings of the
+    #: text tokens after the image in its row (the instruction and the chat template's suffix; other
+    #: images' tokens left out); T may be 0
+    text: torch.Tensor | None = None
+
+
+@dataclass
+class LLMTokens:
+    """One image's (or video's) visual tokens still in the sequence at an inner-LLM stage, as a
+    strategy sees them: N candidates in sequence order (a kept CLS prefix and layout tokens are not
+    candidates), and the T text tokens that follow the run in its row (the instruction; other
+    images' tokens excluded). Only the signals the spec's ``llm_signals`` names are filled.
+
+    ``attention`` [N]: head-mean softmax row of the row's last prompt token at layer K-1 (the
+    softmax runs over every key it sees, so it does not sum to 1 over N); ``text_attention`` [T, N]:
+    the same rows for the T text tokens; ``keys`` [N, Hkv*d] / ``text_keys`` [T, Hkv*d]: layer K-1's
+    keys (rotary applied, heads concatenated); ``hidden`` [N, D] / ``text_hidden`` [T, D]: the hidden
+    states entering layer K (the output of layer K-1, before layer K's norm). ``stage``: 0-based
+    stage; ``n_in``: the run's candidates before the first stage."""
+
+    stage: int
+    n_in: int
+    attention: torch.Tensor | None = None
+    text_attention: torch.Tensor | None = None
+    keys: torch.Tensor | None = None
+    text_keys: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None
+    text_hidden: torch.Tensor | None = None
+    #: with "hidden": the LLM's final norm ([..., D] -> [..., D]), for methods that compare hidden
+    #: states as the model's output head would see them (DART)
+    final_norm: Callable[[torch.Tensor], torch.Tensor] | None = None
+    #: with "embeds": the LLM-input embeddings of *all* the run's n_in candidates (stage 0's set,
+    #: whatever earlier stages dropped) [n_in, D] and of the T text tokens [T, D]
+    embeds: torch.Tensor | None = None
+    text_embeds: torch.Tensor | None = None
+    #: with "embeds": positions of the current N candidates among the n_in (``embeds[alive]``)
+    alive: torch.Tensor | None = None
 
 
 @dataclass
@@ -98,10 +143,19 @@ class StrategySpec(Generic[C]):
     #: vision stage, optional: the same selection for a batch of images at once (VisualTokens
     #: with [B, ...] tensors -> one Selection per image); avoids a Python loop and host syncs per image
     select_batch: Callable[[C, VisualTokens, int, VisionInfo], list[Selection] | None] | None = None
-    #: llm stage: decoder layer index K where tokens are dropped (scores from layer K-1)
-    llm_layer: Callable[[C, LLMInfo], int] | None = None
-    #: llm stage: (config, last-query attention row over one image's tokens [N], n_keep) -> indices
-    select_llm: Callable[[C, torch.Tensor, int], torch.Tensor] | None = None
+    #: llm stage: decoder layer index K where tokens are dropped (signals from layer K-1), or
+    #: several increasing K for a multi-stage method (each stage re-selects among the survivors)
+    llm_layer: Callable[[C, LLMInfo], "int | list[int]"] | None = None
+    #: llm stage: (config, the image's candidates at this stage, n_keep) -> [n_keep] indices into
+    #: the candidates (any order), or a :class:`Selection` whose ``features`` [n_keep, D] replace the
+    #: kept tokens' hidden states (a merging rule, e.g. SparseVLM's recycling)
+    select_llm: Callable[[C, "LLMTokens", int], "torch.Tensor | Selection"] | None = None
+    #: llm stage: the signals ``select_llm`` reads (the engine computes only these)
+    llm_signals: frozenset[str] = frozenset({"attention"})
+    #: llm stage, optional: (config, stage, first, n_in) -> tokens stage ``stage`` keeps of an image
+    #: of ``n_in`` candidates whose first stage keeps ``first`` (what ``keep``/``budget`` give);
+    #: None: ``first`` at every stage
+    llm_budget: Callable[[C, int, int, int], int] | None = None
     #: llm stage, optional: (config, hidden [N, D] of one image's tokens at layer K, kept indices [n])
     #: -> [n, D] hidden states of the kept tokens with the dropped ones merged in (HoliTom's "M")
     merge_llm: Callable[[C, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
@@ -115,10 +169,31 @@ class StrategySpec(Generic[C]):
     #: tokens); "llm" = always the LLM-input (projected) tokens, so LLaVA-1.5 selects on the
     #: projector's output (methods defined on the LLM's visual tokens, e.g. DivPrune)
     features: Literal["encoder", "llm"] = "encoder"
+    #: vision stage: the selection reads the instruction (``VisualTokens.text``), so the engine
+    #: selects at the LLM input, where the prompt is known (needs ``features="llm"``; no merging)
+    text: bool = False
     #: for a vision-stage method with its own inner-LLM stage (HoliTom's "M"): config ->
     #: (inner strategy name, its parameters), or None when switched off
     inner: Callable[[C], "tuple[str, dict[str, Any]] | None"] | None = None
     paper: str = ""
+
+
+def scaled_layers(paper: tuple[int, ...], depth: int, info: LLMInfo, option: str = "layers") -> list[int]:
+    """A method's stage layers given for a ``depth``-layer LLM, scaled to this one's: each rounded
+    to the same relative depth, at least 1 and above the previous; stages that would start past
+    layer ``num_layers - 1`` are left out (an LLM too shallow for all of them). Raises
+    :class:`ConfigError` when not even one fits."""
+    n = info.num_layers
+    out: list[int] = []
+    for k in paper:
+        k = max(info.min_layer, round(k * n / depth), (out[-1] + 1) if out else 1)
+        if k >= n:
+            break
+        out.append(k)
+    if not out:
+        raise ConfigError(f"an LLM of {n} layer(s) is too shallow for an inner stage; pass {option}= "
+                          f"explicitly (increasing, within 1..{n - 1})")
+    return out
 
 
 def attention_kind(choice: str, info: VisionInfo, option: str, error: type[Exception] = ConfigError) -> ScoreKind:

@@ -16,7 +16,7 @@ import torch
 
 from ..config import ConfigError, PruneConfig, check_range
 from ..registry import register_strategy
-from .base import LLMInfo, StrategySpec, topk_indices
+from .base import LLMInfo, LLMTokens, StrategySpec, topk_indices
 
 
 @dataclass(frozen=True)
@@ -44,8 +44,14 @@ def fastv_select(last_row: torch.Tensor, n_keep: int) -> torch.Tensor:
     return torch.sort(topk_indices(last_row, n_keep)).values
 
 
+def attention_row(tokens: LLMTokens) -> torch.Tensor:
+    """The last prompt token's attention row (the signal FastV-style rules rank by)."""
+    assert tokens.attention is not None
+    return tokens.attention
+
+
 SPEC = register_strategy(StrategySpec(
     name="fastv", config_cls=FastVConfig, stage="llm", needs=frozenset({"llm_attention"}),
-    llm_layer=fastv_layer, select_llm=lambda cfg, row, n: fastv_select(row, n),
+    llm_layer=fastv_layer, select_llm=lambda cfg, tokens, n: fastv_select(attention_row(tokens), n),
     paper="Chen et al. 2024, FastV, ECCV 2024, arXiv 2403.06764",
 ))

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from ..config import ConfigError, PruneConfig, check_range
 from ..registry import register_strategy
 from .base import LLMInfo, ScoreRequest, Selection, StrategySpec, VisionInfo, VisualTokens, topk_indices
-from .fastv import fastv_select
+from .fastv import attention_row, fastv_select
 
 #: defaults of the official scripts (LLaVA-OneVision-7B, 32 frames)
 TAU = 0.8
@@ -334,7 +334,7 @@ def inner_layer(cfg: HoliTomInnerConfig, info: LLMInfo) -> int:
 
 INNER_SPEC = register_strategy(StrategySpec(
     name="holitom_inner", config_cls=HoliTomInnerConfig, stage="llm", needs=frozenset({"llm_attention"}),
-    llm_layer=inner_layer, select_llm=lambda cfg, row, n: fastv_select(row, n),
+    llm_layer=inner_layer, select_llm=lambda cfg, tokens, n: fastv_select(attention_row(tokens), n),
     merge_llm=lambda cfg, hidden, keep: merge_into_kept(hidden, keep, cfg.weighting),
     paper="Shao et al. 2025, HoliTom (inner-LLM merging), NeurIPS 2025, arXiv 2505.21334",
 ))

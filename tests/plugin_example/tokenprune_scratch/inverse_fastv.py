@@ -9,7 +9,7 @@ import torch
 
 from tokenprune import PruneConfig
 from tokenprune.config import check_range
-from tokenprune.strategies.base import StrategySpec, topk_indices
+from tokenprune.strategies.base import LLMTokens, StrategySpec, topk_indices
 
 
 @dataclass(frozen=True)
@@ -23,9 +23,11 @@ class InverseFastVConfig(PruneConfig):
         check_range("layer", self.layer, 1, 10**6, integer=True)
 
 
-def select_llm(cfg: InverseFastVConfig, row: torch.Tensor, n_keep: int) -> torch.Tensor:
-    """row [N]: the last prompt token's attention to one image's tokens -> the n_keep lowest, ascending."""
-    return torch.sort(topk_indices(-row.float(), n_keep)).values
+def select_llm(cfg: InverseFastVConfig, tokens: LLMTokens, n_keep: int) -> torch.Tensor:
+    """``tokens.attention`` [N]: the last prompt token's attention to one image's tokens -> the
+    n_keep lowest."""
+    assert tokens.attention is not None
+    return topk_indices(-tokens.attention.float(), n_keep)
 
 
 SPEC = StrategySpec(name="inverse_fastv", config_cls=InverseFastVConfig, stage="llm",
