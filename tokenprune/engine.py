@@ -130,10 +130,13 @@ class PruneHandle:
         #: inner-LLM stages: the first decoder layer of each (K_0 < K_1 < ...); ``llm_layer`` = K_0
         self.llm_layers: list[int] = self._stage_layers()
         self.llm_layer: int | None = self.llm_layers[0] if self.llm_layers else None
+        #: per stage, the decoder layer whose q/k give its signals (K_s-1, or the family's nearest
+        #: full-attention layer below it in a hybrid LLM)
+        self.score_layers: list[int] = [family.llm_scoring_layer(k - 1) for k in self.llm_layers]
         #: layers whose attention rows / keys are materialised (vision layers, LLM layers K_s-1)
         self.scored_layers: list[tuple[str, int]] = sorted({("vision", r.layer) for r in self.requests})
         if self.lspec is not None and self.lspec.llm_signals & QK_SIGNALS:
-            self.scored_layers += [("llm", k - 1) for k in self.llm_layers]
+            self.scored_layers += [("llm", j) for j in self.score_layers]
         self.modules: list[nn.Module] = []   #: what the install hooks (set by :meth:`preflight`)
         #: the inner-LLM stage (its hooks are installed only with an inner strategy)
         self.inner_stage = InnerStage(self)
@@ -207,8 +210,8 @@ class PruneHandle:
             for layer in sorted({r.layer for r in self.requests}):
                 mods += fam.vision_capture_modules(layer)
         if self.lspec is not None:
-            for k in self.llm_layers:
-                la = fam.llm_attention(k - 1)
+            for j in self.score_layers:
+                la = fam.llm_attention(j)
                 mods += [la.q_source, la.k_source, la.module]
             mods += list(fam.decoder_layers[self.llm_layers[0]:])
         return mods
@@ -281,12 +284,12 @@ class PruneHandle:
                 self._add(sel.register_forward_hook(self._selection_post))
         if self.lspec is not None:
             stage, sig = self.inner_stage, self.lspec.llm_signals
-            for k in self.llm_layers if sig & QK_SIGNALS else []:
-                la = fam.llm_attention(k - 1)
+            for j in sorted(set(self.score_layers)) if sig & QK_SIGNALS else []:
+                la = fam.llm_attention(j)
                 if sig & Q_SIGNALS:
-                    self._add(la.q_source.register_forward_hook(partial(stage.capture, k - 1, "q")))
-                self._add(la.k_source.register_forward_hook(partial(stage.capture, k - 1, "k")))
-                self._add(la.module.register_forward_pre_hook(partial(stage.attn_pre, k - 1), with_kwargs=True))
+                    self._add(la.q_source.register_forward_hook(partial(stage.capture, j, "q")))
+                self._add(la.k_source.register_forward_hook(partial(stage.capture, j, "k")))
+                self._add(la.module.register_forward_pre_hook(partial(stage.attn_pre, j), with_kwargs=True))
             for i, layer in enumerate(fam.decoder_layers):
                 if i >= self.llm_layers[0]:
                     self._add(layer.register_forward_pre_hook(partial(stage.layer_pre, i), with_kwargs=True))

@@ -124,6 +124,10 @@ class Family:
     select_at_lm: ClassVar[bool] = False
     #: inner-LLM strategies must drop tokens at this decoder layer or later
     min_inner_layer: int = 1
+    #: whether every decoder layer can hide a key by the attention mask; False (linear-attention
+    #: layers): an inner cut cannot pad rows with masked "ghost" tokens, so inner-LLM strategies
+    #: take one row per call (a batch is refused with a typed error before the LLM runs)
+    inner_ghosts: ClassVar[bool] = True
     #: whether ``positions="compact"`` (renumbering kept tokens) is meaningful for this family
     supports_compact: ClassVar[bool] = True
 
@@ -207,6 +211,12 @@ class Family:
         ``rows`` index ``embeds.reshape(-1, D)``; ``raws``: (scores, projector output) of the
         encoder passes of that modality, in order."""
         raise NotImplementedError
+
+    def llm_scoring_layer(self, layer: int) -> int:
+        """The decoder layer whose q/k an inner stage reads when it asks for ``layer`` (= K-1):
+        itself here; hybrid LLMs map a linear-attention layer to the nearest full-attention layer
+        at or below it, and raise :class:`~tokenprune.errors.ConfigError` when there is none."""
+        return layer
 
     def llm_final_norm(self) -> Any:
         """The language model's final norm (applied before the output head), or None."""

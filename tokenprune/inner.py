@@ -68,7 +68,7 @@ class InnerStage:
     # -- hooks on the scoring layers K_s - 1 ----------------------------------------------------
     def _scoring(self, state: CallState | None, layer: int) -> bool:
         return (state is not None and state.inner is not None and not state.inner.chosen
-                and layer == self.layers[state.inner.stage] - 1)
+                and layer == self.h.score_layers[state.inner.stage])
 
     def capture(self, layer: int, which: str, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         """LLM layer K_s-1's q / k projection outputs (prefill only, before stage s chooses)."""
@@ -88,6 +88,11 @@ class InnerStage:
         b, length = _visual(state).shape
         if mask is not None and mask.dim() != 2:
             raise UnsupportedCallError(f"{self.spec.name} needs a 2D attention_mask (or none)")
+        if b > 1 and not self.h.family.inner_ghosts:
+            raise UnsupportedCallError(
+                f"{self.spec.name} drops tokens inside the LLM, and family {self.h.family.name!r} has "
+                "linear-attention layers that cannot mask the padding rows of different lengths would "
+                "need; call it with one row at a time")
         dev = _visual(state).device
         valid = mask.bool() if mask is not None else torch.ones(b, length, dtype=torch.bool, device=dev)
         last = length - 1 - torch.argmax(torch.flip(valid.long(), dims=[1]), dim=1)
@@ -152,7 +157,7 @@ class InnerStage:
         seen = valid & (torch.arange(n_cur, device=dev)[None] <= last[:, None])
         q = kk = cos = sin = None
         if sig & QK_SIGNALS:
-            layer = self.layers[s] - 1
+            layer = self.h.score_layers[s]
             la = self.h.family.llm_attention(layer)
             qk = state.qk.pop(layer)
             assert fv.rope is not None, f"layer {layer} ran without position_embeddings"
@@ -242,7 +247,8 @@ class InnerStage:
         for sp in state.spans:
             kept_idx[sp.row].append(torch.nonzero(keep[sp.row, sp.cols.to(dev)]).flatten().cpu())
         st.stages.append(StageStats(layer=self.layers[s], tokens_kept=(visual & keep).sum(1).tolist(),
-                                    kept_indices=kept_idx, merged=bool(merges)))
+                                    kept_indices=kept_idx, merged=bool(merges),
+                                    score_layer=self.h.score_layers[s]))
         if s == 0:
             if self.h.vspec is None:
                 self.h._fill_stats(state, keep, b, [int(f.numel()) for f in fv.fixed])

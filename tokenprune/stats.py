@@ -38,10 +38,14 @@ class StageStats:
     tokens_kept: list[int]
     kept_indices: list[list[torch.Tensor]]
     merged: bool = False      #: kept tokens carry merged hidden states (HoliTom "M", SparseVLM's recycling)
+    #: the decoder layer whose attention / keys gave the signals (``layer - 1``, or the nearest
+    #: full-attention layer below it in a hybrid LLM); None when the strategy reads none
+    score_layer: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {"layer": self.layer, "tokens_kept": list(self.tokens_kept),
-                "kept_indices": [[t.tolist() for t in row] for row in self.kept_indices], "merged": self.merged}
+                "kept_indices": [[t.tolist() for t in row] for row in self.kept_indices], "merged": self.merged,
+                "score_layer": self.score_layer}
 
 
 @dataclass

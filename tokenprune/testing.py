@@ -240,12 +240,14 @@ def eager_last_row(clean: Any, inp: dict[str, Any], layer: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def eager_signals(clean: Any, inp: dict[str, Any], layer: int, signals: frozenset[str]) -> dict[str, Any]:
+def eager_signals(clean: Any, inp: dict[str, Any], layer: int, signals: frozenset[str],
+                  hidden_layer: int | None = None) -> dict[str, Any]:
     """Row 0's inner-LLM signals at stage 0 from the *unpatched* model, computed independently of
     the engine: ``attention`` [L, L] head-mean rows of decoder ``layer`` = K-1 (an eager copy with
     ``output_attentions``), ``keys`` [L, Hkv*d] (that layer's key projection, rotated with the
     family's rotary), ``hidden`` [L, D] (the hidden states entering layer K), ``embeds`` [L, D]
-    (the LLM input) and ``final_norm``."""
+    (the LLM input) and ``final_norm``. ``hidden_layer``: K, when the scoring layer is not K-1
+    (a hybrid LLM's full-attention layer below it)."""
     out: dict[str, Any] = {}
     if signals & {"attention", "text_attention"}:
         m = copy.deepcopy(clean)
@@ -262,7 +264,8 @@ def eager_signals(clean: Any, inp: dict[str, Any], layer: int, signals: frozense
     if "hidden" in signals:    # what layer K receives (DeepStack adds features after layer K-1's output)
         def grab(mod: nn.Module, a: tuple, kw: dict[str, Any]) -> None:
             got.setdefault("h", a[0] if a else kw["hidden_states"])
-        hooks.append(family.decoder_layers[layer + 1].register_forward_pre_hook(grab, with_kwargs=True))
+        k = layer + 1 if hidden_layer is None else hidden_layer
+        hooks.append(family.decoder_layers[k].register_forward_pre_hook(grab, with_kwargs=True))
     cap = LMInputs(clean)
     try:
         clean(**inp)
@@ -486,7 +489,7 @@ class ConformanceSuite:
         with torch.no_grad():
             model(**inp)
         kept = h.last_stats.kept_indices[0]
-        sig = eager_signals(clean, inp, h.llm_layer - 1, spec.llm_signals)
+        sig = eager_signals(clean, inp, h.score_layers[0], spec.llm_signals, hidden_layer=h.llm_layer)
         length = inp["input_ids"].shape[1]
         fam = h.family
         runs = placeholder_runs(clean, inp, kept)
@@ -539,6 +542,11 @@ class ConformanceSuite:
             pytest.skip(f"{case.name} gives no batch")
         batch, rows = case.batch()
         h = self.apply(model, name, params, inner)
+        if h.lspec is not None and not h.family.inner_ghosts:   # documented: one row per call
+            with pytest.raises(UnsupportedCallError, match="one row at a time"):
+                with torch.no_grad():
+                    model(**batch)
+            return
         fwd = dict(batch)
         if case.extra.get("positions_from_mask") and "position_ids" not in fwd:
             # number a left-padded row as generate does (and as it is alone): methods reading
@@ -580,7 +588,7 @@ class ConformanceSuite:
             want |= {("vision", r.layer) for r in h.vspec.requests(h.vconfig, h.family.vision_info)}
         if h.lspec is not None and h.lspec.llm_signals & {"attention", "text_attention", "keys"}:
             got = h.lspec.llm_layer(h.lconfig, h.family.llm_info)
-            want |= {("llm", k - 1) for k in ([got] if isinstance(got, int) else got)}
+            want |= {("llm", h.family.llm_scoring_layer(k - 1)) for k in ([got] if isinstance(got, int) else got)}
         assert set(h.scored_layers) == want
 
     def test_bfloat16(self, combo: Any) -> None:
