@@ -37,7 +37,7 @@ from .config import PruneConfig
 from .errors import ConfigError, TokenPruneError, TokenPruneWarning, UnsupportedCallError, UnsupportedModelError
 from .family import Family, ImageLayout, Unit
 from .inner import Q_SIGNALS, QK_SIGNALS, InnerStage
-from .sequence import cache_of, left_packed_index, output_cache, padding_mask, seq_len, split_budget, take, take_positions
+from .sequence import cache_of, left_packed_index, output_cache, padding_mask, seq_len, split_budget, take, take_positions, true_positions
 from .state import CallState, Continuation, Encoded, ImageSel, LabelsCall, PruneRecord, Span, VisionCall
 from .stats import PruneStats, layer_flops
 from .strategies.base import Selection, StrategySpec, VisualTokens
@@ -178,7 +178,8 @@ class PruneHandle:
     def last_stats(self) -> PruneStats | None:
         """Stats of the calling thread's last forward / generate call with visual tokens (None
         before the first); another thread's calls never show here."""
-        return getattr(self._local, "stats", None)
+        st = getattr(self._local, "stats", None)
+        return None if st is None else st.resolve()
 
     def __deepcopy__(self, memo: dict[int, Any]) -> "PruneHandle":
         """``copy.deepcopy(model)`` copies the hooks and so this handle: the copy is patched with a
@@ -372,7 +373,9 @@ class PruneHandle:
         given_all = kwargs.get("mm_encoder_outputs") or {}
         # a modality counts only when the call carries its pixels or encodings: a placeholder id
         # in a decode step (or in text) is plain text to the model too
-        masks = {m: v for m, v in masks.items() if v is not None and bool(v.any())
+        # (no ``mask.any()``: a call carrying a modality's pixels has its placeholders, or the
+        # model itself refuses it; reading the mask would be a host sync per call)
+        masks = {m: v for m, v in masks.items() if v is not None
                  and (kwargs.get(fam.pixel_keys[m]) is not None or given_all.get(m) is not None)}
         trimmed = None
         if cache is not None and cache in self._records and seq_len(cache) == 0:
@@ -386,6 +389,12 @@ class PruneHandle:
             self._warn_long(masks)
             state.visual = torch.stack(list(masks.values())).any(0)
             counts = fam.placeholder_counts(args, kwargs)
+            n_fixed = fam.fixed_grid_images(kwargs) if counts is None else None
+            if counts is None and n_fixed is not None and state.visual.shape[0] == 1:
+                # one row of fixed-grid images: the counts are the inputs' shape (no host sync;
+                # the model checks its placeholders against its features itself)
+                assert fam.tokens_per_image is not None
+                counts = {"image": [fam.tokens_per_image] * n_fixed}
             if counts is None:
                 n = fam.tokens_per_image
                 assert n is not None, "a family with images of any size must give placeholder_counts"
@@ -529,7 +538,16 @@ class PruneHandle:
 
     @staticmethod
     def _spans(mask: torch.Tensor, counts: list[int], modality: str) -> list[Span]:
-        """Cut a modality's placeholders (row-major, the order ``masked_scatter`` fills) into runs."""
+        """Cut a modality's placeholders (row-major, the order ``masked_scatter`` fills) into runs.
+        One row: the counts say how many there are, so their positions come from a sort (no host
+        sync; a count that does not match the placeholders is refused by the model itself)."""
+        if mask.shape[0] == 1:
+            cols = true_positions(mask[0], sum(counts))
+            out, start = [], 0
+            for c in counts:
+                out.append(Span(row=0, cols=cols[start:start + c], modality=modality))
+                start += c
+            return out
         pos = torch.nonzero(mask)
         if sum(counts) != pos.shape[0]:
             raise UnsupportedCallError(
@@ -731,29 +749,33 @@ class PruneHandle:
 
     @staticmethod
     def _image_sel(lay: ImageLayout, sels: list[Selection]) -> ImageSel:
-        keep = torch.zeros(lay.n_tokens, dtype=torch.bool)
+        """One image's keep mask over its run, built where the selections are (no copy to the host)."""
+        dev = sels[0].indices.device if sels else torch.device("cpu")
+        keep = torch.zeros(lay.n_tokens, dtype=torch.bool, device=dev)
         keep[: lay.prefix] = True
         if lay.fixed is not None:
-            keep[lay.fixed.cpu()] = True
+            keep[lay.fixed.to(dev)] = True
         off, groups, kept_before = lay.prefix, [], 0
+        merged = any(sel.groups is not None for sel in sels)
         for u, sel in zip(lay.units, sels):
             n = u.rows.numel()
-            idx = sel.indices.cpu()
+            idx = sel.indices.to(dev)
             if u.span_pos is not None:
-                keep[u.span_pos.cpu()[idx]] = True
+                keep[u.span_pos.to(dev)[idx]] = True
             else:
                 keep[off + idx] = True
                 off += n
-            if sel.groups is not None:
-                g = sel.groups.cpu().clone()
-            else:
-                g = torch.full((n,), -1, dtype=torch.long)
-                g[idx] = torch.arange(idx.numel())
-            groups.append(torch.where(g >= 0, g + kept_before, g))
+            if merged:
+                if sel.groups is not None:
+                    g = sel.groups.to(dev).clone()
+                else:
+                    g = torch.full((n,), -1, dtype=torch.long, device=dev)
+                    g[idx] = torch.arange(idx.numel(), device=dev)
+                groups.append(torch.where(g >= 0, g + kept_before, g))
             kept_before += idx.numel()
-        merged = any(sel.groups is not None for sel in sels)
         fixed = 0 if lay.fixed is None else int(lay.fixed.numel())
-        return ImageSel(keep=keep, groups=torch.cat(groups) if merged else None, fixed=fixed)
+        return ImageSel(keep=keep, groups=torch.cat(groups) if merged else None, fixed=fixed,
+                        n_kept=lay.prefix + fixed + kept_before)
 
     def _select_at_lm(self, state: CallState, embeds: torch.Tensor,
                       valid: torch.Tensor | None = None) -> tuple[list[ImageSel], torch.Tensor]:
@@ -900,11 +922,11 @@ class PruneHandle:
             if cache is not None:
                 self._records[cache] = state.pending
             state.pending = None
-        if state.stats is not None and state.stats.visual_tokens_in:
+        if state.stats is not None and state.stats._filled:
             state.stats.prune_ms = state.seconds * 1000.0
             self._local.stats = state.stats
             if log.isEnabledFor(logging.DEBUG):
-                st = state.stats
+                st = state.stats.resolve()
                 log.debug("%s kept %s of %s visual tokens per row%s in %.2f ms; kept indices %s", st.strategy,
                           st.visual_tokens_kept, st.visual_tokens_in,
                           f" (then {st.inner_tokens_kept} from layer {self.llm_layer})" if st.inner_tokens_kept else "",
@@ -927,23 +949,39 @@ class PruneHandle:
             keep[sp.row, sp.cols.to(visual.device)] = im.keep.to(visual.device)
         self._fill_stats(state, keep, b, [im.fixed for im in images])
         assert state.stats is not None
-        state.stats.merge_groups = [[] for _ in range(b)]
+        st = state.stats
+        groups: list[list[torch.Tensor | None]] = [[] for _ in range(b)]
         for row, im in zip(state.images, images):
-            state.stats.merge_groups[row].append(im.groups)
+            groups[row].append(im.groups)
+
+        def fill_groups() -> None:   # to the host when read (a merging strategy's groups)
+            st.merge_groups = [[None if g is None else g.cpu() for g in row] for row in groups]
+        st.merge_groups = groups
+        st.defer(fill_groups)
         dropped_mask = visual & ~keep
-        self._fill_flops(state, length, int(keep.sum(1).max()), b)
-        if not bool(dropped_mask.any()):
+        # the tokens each row drops, from the budgets on the host when every selection knows its
+        # count (no host sync), else read from the mask
+        if all(im.n_kept is not None for im in images):
+            drops = [0] * b
+            for sp, im in zip(state.spans, images):
+                drops[sp.row] += sp.cols.numel() - int(im.n_kept or 0)
+        else:
+            drops = dropped_mask.sum(1).tolist()
+        width = length - min(drops)
+        padded = max(drops) != min(drops)
+        self._fill_flops(state, length, width, b)
+        if max(drops) == 0:
             state.seconds += time.perf_counter() - t0
             return kwargs
-        idx = left_packed_index(keep)
+        idx = left_packed_index(keep, width)
         new = dict(kwargs)
-        new["inputs_embeds"] = take(embeds, idx, 1, 0)
+        new["inputs_embeds"] = take(embeds, idx, 1, 0, padded)
         mask = padding_mask(kwargs.get("attention_mask"), length)
         if mask is None:
             mask = torch.ones(b, length, dtype=torch.long, device=embeds.device)
         # a 2D mask, explicit: avoids packed-sequence detection, and lets the model build the masks
         # of a static cache for the pruned slots (the 4D ones generate made count unpruned slots)
-        new["attention_mask"] = take(mask, idx, 1, 0)
+        new["attention_mask"] = take(mask, idx, 1, 0, padded)
         pos = kwargs.get("position_ids")
         if pos is None:
             pos = torch.arange(length, device=embeds.device)[None].expand(b, length)
@@ -951,11 +989,11 @@ class PruneHandle:
         if compact:
             shift = torch.cumsum(dropped_mask.long(), dim=1)
             pos = pos - (shift if pos.dim() == 2 else shift[None])
-        new["position_ids"] = take_positions(pos, idx)
+        new["position_ids"] = take_positions(pos, idx, padded)
         self.family.prune_lm_kwargs(new, kwargs, keep, idx)
         self._slice_labels(idx)
         state.pending = PruneRecord(full_len=length, idx=idx, dropped=dropped_mask.sum(1), compact=compact,
-                                    pad2d=mask)
+                                    pad2d=mask, padded=padded)
         off = state.pending.offset
         if state.ids is not None and state.ids.shape[1] == length and off > 0:
             state.pending.tail = state.ids[:, -off:]
@@ -986,9 +1024,11 @@ class PruneHandle:
             assert rec.pad2d is not None
             mask = torch.cat([rec.pad2d.to(rec.idx.device),
                               torch.ones(b, n_after, dtype=rec.pad2d.dtype, device=rec.idx.device)], 1)
+        padded = bool((rec.idx < 0).any()) if rec.padded is None else rec.padded
         if mask is not None:
-            new["attention_mask"] = torch.cat([take(mask[:, :rec.full_len], rec.idx, 1, 0), mask[:, rec.full_len:]], 1)
-        elif bool((rec.idx < 0).any()):
+            new["attention_mask"] = torch.cat([take(mask[:, :rec.full_len], rec.idx, 1, 0, padded),
+                                               mask[:, rec.full_len:]], 1)
+        elif padded:
             m = torch.ones(b, past + q, dtype=torch.long, device=rec.idx.device)
             m[:, :n_new] = (rec.idx >= 0).long()
             new["attention_mask"] = m
@@ -1012,16 +1052,17 @@ class PruneHandle:
         st = state.stats
         visual = state.visual
         assert st is not None and visual is not None
-        st.visual_tokens_in = visual.sum(1).tolist()
-        st.visual_tokens_kept = (visual & keep).sum(1).tolist()
-        st.kept_indices = [[] for _ in range(b)]
-        st.layout_tokens = [0] * b
-        for row, kept, n_layout in zip(state.images, self._image_kept(state, keep), layout):
-            st.kept_indices[row].append(kept)
-            st.layout_tokens[row] += n_layout
+        runs = [(sp.row, sp.cols) for sp in state.spans]   # (later stages re-express the spans)
 
-    def _image_kept(self, state: CallState, keep: torch.Tensor) -> list[torch.Tensor]:
-        return [torch.nonzero(keep[sp.row, sp.cols.to(keep.device)]).flatten().cpu() for sp in state.spans]
+        def fill() -> None:    # when the stats are read, not in the forward (no host sync there)
+            st.visual_tokens_in = visual.sum(1).tolist()
+            st.visual_tokens_kept = (visual & keep).sum(1).tolist()
+            st.kept_indices = [[] for _ in range(b)]
+            st.layout_tokens = [0] * b
+            for (row, cols), n_layout in zip(runs, layout):
+                st.kept_indices[row].append(torch.nonzero(keep[row, cols.to(keep.device)]).flatten().cpu())
+                st.layout_tokens[row] += n_layout
+        st.defer(fill)
 
     def _fill_flops(self, state: CallState, length: int, kept_len: int, b: int,
                     segments: list[tuple[int, int]] | None = None) -> None:

@@ -212,6 +212,18 @@ class Family:
         encoder passes of that modality, in order."""
         raise NotImplementedError
 
+    def fixed_grid_images(self, kwargs: dict[str, Any]) -> int | None:
+        """Fixed-grid families: the number of images of a call, read from the inputs' shape (the
+        pixels' first dimension, or the pre-computed encodings); None where it is not that simple."""
+        if self.tokens_per_image is None:
+            return None
+        px = kwargs.get(self.pixel_keys["image"])
+        if torch.is_tensor(px) and px.dim() == 4:
+            return int(px.shape[0])
+        given = (kwargs.get("mm_encoder_outputs") or {}).get("image")
+        pooled = getattr(given, "pooler_output", None)
+        return len(pooled) if pooled is not None else None
+
     def llm_scoring_layer(self, layer: int) -> int:
         """The decoder layer whose q/k an inner stage reads when it asks for ``layer`` (= K-1):
         itself here; hybrid LLMs map a linear-attention layer to the nearest full-attention layer

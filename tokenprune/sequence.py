@@ -10,10 +10,11 @@ import torch
 from .errors import UnsupportedCallError
 
 
-def take(x: torch.Tensor, idx: torch.Tensor, dim: int, fill: Any = 0) -> torch.Tensor:
+def take(x: torch.Tensor, idx: torch.Tensor, dim: int, fill: Any = 0, padded: bool | None = None) -> torch.Tensor:
     """Gather along ``dim`` with a per-row index ``idx`` [B, L'] (-1 = padding, filled with ``fill``).
 
-    ``x`` has its batch at dim 0 (size B or 1, broadcast).
+    ``x`` has its batch at dim 0 (size B or 1, broadcast). ``padded``: whether ``idx`` holds any
+    -1, when the caller knows it (None: looked up, one host sync).
     """
     b, n = idx.shape
     dim = dim % x.dim()
@@ -26,27 +27,37 @@ def take(x: torch.Tensor, idx: torch.Tensor, dim: int, fill: Any = 0) -> torch.T
     gidx = idx.clamp(min=0).to(x.device).view(view).expand(target)
     out = torch.gather(x, dim, gidx)
     pad = idx < 0
-    if bool(pad.any()):
+    if padded is None:
+        padded = bool(pad.any())
+    if padded:
         out = out.masked_fill(pad.to(x.device).view(view).expand(target), fill)
     return out
 
 
-def take_positions(pos: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+def take_positions(pos: torch.Tensor, idx: torch.Tensor, padded: bool | None = None) -> torch.Tensor:
     """Position ids [B, L] or [R, B, L] (M-RoPE rows) gathered along the sequence (pads -> 1)."""
     if pos.dim() == 3:
-        return take(pos.transpose(0, 1), idx, 2, 1).transpose(0, 1)
-    return take(pos, idx, 1, 1)
+        return take(pos.transpose(0, 1), idx, 2, 1, padded).transpose(0, 1)
+    return take(pos, idx, 1, 1, padded)
 
 
-def left_packed_index(keep: torch.Tensor) -> torch.Tensor:
-    """keep [B, L] bool -> idx [B, max kept] of kept positions per row, left-padded with -1."""
-    counts = keep.sum(dim=1)
-    width = int(counts.max())
-    rows = []
-    for r in range(keep.shape[0]):
-        pos = torch.nonzero(keep[r]).flatten()
-        rows.append(torch.cat([torch.full((width - pos.numel(),), -1, dtype=torch.long, device=keep.device), pos]))
-    return torch.stack(rows)
+def left_packed_index(keep: torch.Tensor, width: int | None = None) -> torch.Tensor:
+    """keep [B, L] bool -> idx [B, max kept] of kept positions per row, left-padded with -1.
+
+    ``width``: the largest row count when the caller knows it (then no host sync: a sort puts the
+    -1 of the dropped positions first and the kept positions, ascending, last)."""
+    if width is None:
+        width = int(keep.sum(dim=1).max())
+    pos = torch.arange(keep.shape[1], device=keep.device).expand_as(keep)
+    packed = torch.sort(torch.where(keep, pos, torch.full_like(pos, -1)), dim=1).values
+    return packed[:, packed.shape[1] - width:] if width else packed[:, :0]
+
+
+def true_positions(mask: torch.Tensor, k: int) -> torch.Tensor:
+    """[L] bool with exactly ``k`` True -> [k] their positions, ascending, without a host sync."""
+    n = mask.shape[-1]
+    pos = torch.arange(n, device=mask.device)
+    return torch.sort(torch.where(mask, pos, pos + n)).values[:k]
 
 
 def padding_mask(mask: Any, length: int) -> torch.Tensor | None:

@@ -42,6 +42,7 @@ class PruneRecord:
                                            # get a 4D mask per step, which no longer says it)
     tail: torch.Tensor | None = None       # [B, <= full_len - L'] ids of the last consumed tokens: a
                                            # continuation re-sending them is recognised and trimmed
+    padded: bool | None = None             # whether ``idx`` holds -1 (rows of different lengths)
 
     @property
     def offset(self) -> int:
@@ -57,6 +58,7 @@ class ImageSel:
     keep: torch.Tensor
     groups: torch.Tensor | None = None
     fixed: int = 0           #: layout tokens of the run (newlines): always kept, not in the budget
+    n_kept: int | None = None   #: True entries of ``keep``, known on the host (None: unknown)
 
 
 @dataclass

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -82,8 +82,24 @@ class PruneStats:
     prune_ms: float = 0.0
     flops_before: float = 0.0
     flops_after: float = 0.0
+    #: counts still held as tensors, turned into the lists above when first read (so a forward
+    #: does not wait for the device to report them: no host sync in the hot path)
+    _pending: list[Callable[[], None]] = field(default_factory=list, repr=False, compare=False)
+    #: whether the call had visual tokens that reached the selection
+    _filled: bool = field(default=False, repr=False, compare=False)
+
+    def defer(self, fill: Callable[[], None]) -> None:
+        self._pending.append(fill)
+        self._filled = True
+
+    def resolve(self) -> "PruneStats":
+        """Compute what was deferred (idempotent); returns self."""
+        while self._pending:
+            self._pending.pop(0)()
+        return self
 
     def as_dict(self) -> dict[str, Any]:
+        self.resolve()
         return {
             "strategy": self.strategy,
             "visual_tokens_in": list(self.visual_tokens_in),

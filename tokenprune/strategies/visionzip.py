@@ -126,9 +126,12 @@ def visionzip_select_batch(cls_score: torch.Tensor, keys: torch.Tensor, features
         return [Selection(dominant[i]) for i in range(b)]
     rest = mask_to_indices(~dominant_mask, m)                                # [B, m] ascending
     step = max(1, m // n_ctx)
-    is_target = torch.zeros(m, dtype=torch.bool, device=dev)
-    is_target[torch.arange(0, m, step, device=dev)[:n_ctx]] = True
-    targets, members = rest[:, is_target], rest[:, ~is_target]               # [B, nc], [B, nm]
+    # the target / member columns are known on the host: index with them (a boolean mask would
+    # be a host sync)
+    target_cols = list(range(0, m, step))[:n_ctx]
+    member_cols = sorted(set(range(m)) - set(target_cols))
+    targets = rest[:, torch.tensor(target_cols, dtype=torch.long, device=dev)]          # [B, nc]
+    members = rest[:, torch.tensor(member_cols, dtype=torch.long, device=dev)]          # [B, nm]
     rows = torch.arange(b, device=dev)[:, None]
     gather = lambda x, idx: x[rows, idx]  # noqa: E731  (row-wise take: [B, k, ...])
     contextual = gather(features, targets).float()
