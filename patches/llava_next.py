@@ -129,6 +129,8 @@ class LlavaNextFamily(LlavaFamily):
             if counts is not None:
                 return counts
         lengths: list[int] = []
+        # host syncs (one per row): where the runs of an anyres prompt end depends on each image's
+        # size and unpadding, read from the placeholders themselves
         for r in range(mask.shape[0]):
             pos = torch.nonzero(mask[r]).flatten()
             if pos.numel() == 0:

@@ -156,6 +156,8 @@ class QwenVLFamily(DecoderLLM, Family):
             window_index, _ = get_vision_window_index(grid, spatial_merge_size=v.spatial_merge_size,
                                                       window_size=v.window_size, patch_size=v.patch_size)
             order = torch.argsort(window_index)   # raster token r sits at merger row order[r]
+        # host syncs (2 per vision pass): the image sizes, as the model itself reads them to lay
+        # its patches out; a window-attention tower's order map is computed from them on the host
         return {"grid": [tuple(int(x) for x in row) for row in grid.tolist()], "order": order}
 
     def vision_layout(self, x: torch.Tensor, scores: dict[tuple[int, str], torch.Tensor],
@@ -195,6 +197,7 @@ class QwenVLFamily(DecoderLLM, Family):
 
     # --- LLM input -----------------------------------------------------------------------------
     def _counts(self, grid: Any) -> list[int]:
+        """Placeholder tokens per image / video (one host sync: the sizes are data, not shapes)."""
         m2 = self.merge * self.merge
         return [int(t * h * w) // m2 for t, h, w in grid.tolist()]
 

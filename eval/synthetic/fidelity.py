@@ -88,17 +88,13 @@ def predict(model: Any, data: dict[str, Any], batch: int = 64, handle: Any = Non
 def parse_row(spec: str) -> tuple[str, str, dict[str, Any]]:
     """``"fastv:layer=1"`` -> (label ``"fastv (layer=1)"``, strategy ``"fastv"``, ``{"layer": 1}``);
     a plain name is its own label with no parameters."""
+    from tokenprune.config import parse_value
+
     name, _, rest = spec.partition(":")
     params: dict[str, Any] = {}
     for item in filter(None, rest.split(",")):
         key, _, value = item.partition("=")
-        try:
-            params[key] = int(value)
-        except ValueError:
-            try:
-                params[key] = float(value)
-            except ValueError:
-                params[key] = value
+        params[key] = parse_value(value)      # the CLI's own typing (int, float, bool, None, text)
     return (f"{name} ({rest})" if rest else name), name, params
 
 
