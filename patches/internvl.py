@@ -41,7 +41,7 @@ from tokenprune.registry import register_family
 from tokenprune.stats import LayerDims
 from tokenprune.strategies.base import LLMInfo, VisionInfo
 
-from .llava import ROTARY_LLMS, DecoderLLM
+from .llava import ROTARY_LLMS, DecoderLLM, llava_core
 
 #: the image processor's default tile range when its own is unknown (``GotOcr2ImageProcessor``)
 DEFAULT_TILES = (1, 12)
@@ -70,12 +70,7 @@ class InternVLFamily(DecoderLLM, Family):
 
     def __init__(self, model: Any) -> None:
         super().__init__(model)
-        core = getattr(model, "model", model)
-        for attr in ("vision_tower", "multi_modal_projector", "language_model"):
-            if not hasattr(core, attr):
-                raise UnsupportedModelError(
-                    f"{type(model).__name__} (model_type 'internvl') has no {attr}; expected the "
-                    "transformers 5.x InternVLForConditionalGeneration layout")
+        core = llava_core(model, "internvl", "InternVLForConditionalGeneration")
         cfg = model.config
         vcfg, tcfg = cfg.vision_config, cfg.text_config
         self.outer = core

@@ -55,6 +55,18 @@ class DecoderLLM:
         return dims, t.num_hidden_layers
 
 
+def llava_core(model: Any, model_type: str, class_name: str) -> Any:
+    """The inner model of a LLaVA-style ``...ForConditionalGeneration`` (``model.model``), checked
+    for the vision tower / projector / language model layout transformers 5.x gives it."""
+    core = getattr(model, "model", model)
+    for attr in ("vision_tower", "multi_modal_projector", "language_model"):
+        if not hasattr(core, attr):
+            raise UnsupportedModelError(
+                f"{type(model).__name__} (model_type {model_type!r}) has no {attr}; expected the "
+                f"transformers 5.x {class_name} layout")
+    return core
+
+
 def clip_attention(layer: Any) -> VisionAttention:
     """q/k sources of a CLIP / SigLIP encoder layer (``self_attn.q_proj`` / ``k_proj``)."""
     attn = layer.self_attn
@@ -79,12 +91,7 @@ class LlavaFamily(DecoderLLM, Family):
 
     def __init__(self, model: Any) -> None:
         super().__init__(model)
-        core = getattr(model, "model", model)
-        for attr in ("vision_tower", "multi_modal_projector", "language_model"):
-            if not hasattr(core, attr):
-                raise UnsupportedModelError(
-                    f"{type(model).__name__} (model_type 'llava') has no {attr}; expected the "
-                    "transformers 5.x LlavaForConditionalGeneration layout")
+        core = llava_core(model, "llava", "LlavaForConditionalGeneration")
         cfg = model.config
         vcfg, tcfg = cfg.vision_config, cfg.text_config
         self.outer = core
