@@ -39,6 +39,8 @@ KEEP = 0.3
 G = 4                # tokens a side of one image (16 tokens; 8 x 8 patches at 112 px)
 
 
+# the whole kit on this family: in the slow suite (CI runs it on the newest transformers)
+@pytest.mark.slow
 class TestKit(ConformanceSuite):
     cases = [tg.case()]
     strategies = ALL + [("visionzip", {}, ("fastv", {"keep": 0.5}))]
@@ -141,6 +143,8 @@ def gm(base):
 # the kit with token_type_ids (bidirectional image blocks)
 # ----------------------------------------------------------------------------------------------
 
+# the whole kit on this family: in the slow suite (CI runs it on the newest transformers)
+@pytest.mark.slow
 class TestKitTokenTypes(ConformanceSuite):
     """The kit on the processor's full output; its references that rebuild the language model's call
     carry the token types (the rest of the kit is unchanged)."""

@@ -37,6 +37,8 @@ G = t.TILE // t.PATCH            # patches a side of a tile
 OLD_BEAMS = not hasattr(GenerationMixin, "_expand_multimodal_outputs")
 
 
+# the whole kit on this family: in the slow suite (CI runs it on the newest transformers)
+@pytest.mark.slow
 class TestKit(ConformanceSuite):
     cases = [t.case()]
     strategies = [*STRATEGIES, ("visionzip", {}, ("fastv", {"keep": 0.5}))]
