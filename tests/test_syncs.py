@@ -26,12 +26,22 @@ from tokenprune.testing import builtin_cases
 
 #: syncs the package adds to one batch-1 prefill (keep=0.3), per family and strategy
 PREFILL = {
-    "llava": {"random": 0, "pool": 0, "hiprune": 0, "fopru": 0, "visionzip": 0, "divprune": 0, "vispruner": 0, "prumerge": 0, "cdpruner": 1, "fastv": 17, "dart": 18, "pdrop": 34, "sparsevlm": 36, "holitom_inner": 18},
-    "llava_next": {"random": 9, "pool": 9, "hiprune": 9, "fopru": 9, "visionzip": 9, "divprune": 9, "vispruner": 9, "prumerge": 9, "cdpruner": 10, "fastv": 22, "dart": 23, "pdrop": 39, "sparsevlm": 41, "holitom_inner": 23},
-    "llava_onevision": {"random": 12, "pool": 12, "hiprune": 12, "fopru": 12, "visionzip": 12, "divprune": 12, "vispruner": 12, "prumerge": 12, "cdpruner": 14, "fastv": 35, "dart": 37, "pdrop": 60, "sparsevlm": 64, "holitom_inner": 37, "evs": 13, "holitom": 46},
-    "qwen2_vl": {"random": 2, "pool": 2, "hiprune": 6, "fopru": 4, "visionzip": 4, "divprune": 2, "vispruner": 4, "prumerge": 4, "cdpruner": 4, "fastv": 25, "dart": 27, "pdrop": 50, "sparsevlm": 54, "holitom_inner": 27, "evs": 3, "holitom": 34},
-    "qwen2_5_vl": {"random": 8, "pool": 8, "hiprune": 12, "fopru": 10, "visionzip": 10, "divprune": 8, "vispruner": 10, "prumerge": 10, "cdpruner": 10, "fastv": 25, "dart": 27, "pdrop": 50, "sparsevlm": 54, "holitom_inner": 27, "evs": 9, "holitom": 40},
-    "qwen3_vl": {"random": 6, "pool": 6, "hiprune": 10, "fopru": 8, "visionzip": 8, "divprune": 6, "vispruner": 8, "prumerge": 8, "cdpruner": 8, "fastv": 25, "dart": 27, "pdrop": 25, "sparsevlm": 27, "holitom_inner": 27, "evs": 7, "holitom": 38},
+    "llava": {"random": 0, "pool": 0, "hiprune": 0, "fopru": 0, "visionzip": 0, "divprune": 0, "vispruner": 0,
+        "prumerge": 0, "cdpruner": 1, "fastv": 17, "dart": 18, "pdrop": 34, "sparsevlm": 36, "holitom_inner": 18},
+    "llava_next": {"random": 9, "pool": 9, "hiprune": 9, "fopru": 9, "visionzip": 9, "divprune": 9, "vispruner": 9,
+        "prumerge": 9, "cdpruner": 10, "fastv": 22, "dart": 23, "pdrop": 39, "sparsevlm": 41, "holitom_inner": 23},
+    "llava_onevision": {"random": 12, "pool": 12, "hiprune": 12, "fopru": 12, "visionzip": 12, "divprune": 12,
+        "vispruner": 12, "prumerge": 12, "cdpruner": 14, "fastv": 35, "dart": 37, "pdrop": 60, "sparsevlm": 64,
+        "holitom_inner": 37, "evs": 13, "holitom": 46},
+    "qwen2_vl": {"random": 2, "pool": 2, "hiprune": 6, "fopru": 4, "visionzip": 4, "divprune": 2, "vispruner": 4,
+        "prumerge": 4, "cdpruner": 4, "fastv": 25, "dart": 27, "pdrop": 50, "sparsevlm": 54, "holitom_inner": 27,
+        "evs": 3, "holitom": 34},
+    "qwen2_5_vl": {"random": 8, "pool": 8, "hiprune": 12, "fopru": 10, "visionzip": 10, "divprune": 8,
+        "vispruner": 10, "prumerge": 10, "cdpruner": 10, "fastv": 25, "dart": 27, "pdrop": 50, "sparsevlm": 54,
+        "holitom_inner": 27, "evs": 9, "holitom": 40},
+    "qwen3_vl": {"random": 6, "pool": 6, "hiprune": 10, "fopru": 8, "visionzip": 8, "divprune": 6, "vispruner": 8,
+        "prumerge": 8, "cdpruner": 8, "fastv": 25, "dart": 27, "pdrop": 25, "sparsevlm": 27, "holitom_inner": 27,
+        "evs": 7, "holitom": 38},
 }
 CASES = {c.name: c for c in builtin_cases()}
 _MODELS: dict[str, torch.nn.Module] = {}

@@ -126,7 +126,9 @@ class Family:
     min_inner_layer: int = 1
     #: whether every decoder layer can hide a key by the attention mask; False (linear-attention
     #: layers): an inner cut cannot pad rows with masked "ghost" tokens, so inner-LLM strategies
-    #: take one row per call (a batch is refused with a typed error before the LLM runs)
+    #: take one row per call (a batch whose rows would drop different numbers of tokens is refused
+    #: with a typed error before the LLM runs; rows that drop equally many, as beam search's
+    #: copies, need no ghosts and run batched)
     inner_ghosts: ClassVar[bool] = True
     #: whether ``positions="compact"`` (renumbering kept tokens) is meaningful for this family
     supports_compact: ClassVar[bool] = True

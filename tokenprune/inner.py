@@ -67,8 +67,10 @@ class InnerStage:
 
     # -- hooks on the scoring layers K_s - 1 ----------------------------------------------------
     def _scoring(self, state: CallState | None, layer: int) -> bool:
+        """Whether a stage still to choose scores on ``layer`` (a hybrid LLM's later stage may score
+        on the same full-attention layer as an earlier one, which ran before that stage's cut)."""
         return (state is not None and state.inner is not None and not state.inner.chosen
-                and layer == self.h.score_layers[state.inner.stage])
+                and layer in self.h.score_layers[state.inner.stage:])
 
     def capture(self, layer: int, which: str, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         """LLM layer K_s-1's q / k projection outputs (prefill only, before stage s chooses)."""
@@ -88,16 +90,17 @@ class InnerStage:
         b, length = _visual(state).shape
         if mask is not None and mask.dim() != 2:
             raise UnsupportedCallError(f"{self.spec.name} needs a 2D attention_mask (or none)")
-        if b > 1 and not self.h.family.inner_ghosts:
+        fixed = self.h.family.structural(state.spans, kwargs["inputs_embeds"])
+        if b > 1 and not self.h.family.inner_ghosts and self._uneven(state, fixed, b):
             raise UnsupportedCallError(
                 f"{self.spec.name} drops tokens inside the LLM, and family {self.h.family.name!r} has "
-                "linear-attention layers that cannot mask the padding rows of different lengths would "
-                "need; call it with one row at a time")
+                "linear-attention layers that cannot mask the padding rows that keep different numbers "
+                "of tokens would need; call it with one row at a time (or with rows that drop equally "
+                "many, as beam search's copies)")
         dev = _visual(state).device
         valid = mask.bool() if mask is not None else torch.ones(b, length, dtype=torch.bool, device=dev)
         last = length - 1 - torch.argmax(torch.flip(valid.long(), dims=[1]), dim=1)
-        state.inner = InnerPass(valid=valid.to(dev), last=last.to(dev), length=length,
-                                fixed=self.h.family.structural(state.spans, kwargs["inputs_embeds"]),
+        state.inner = InnerPass(valid=valid.to(dev), last=last.to(dev), length=length, fixed=fixed,
                                 n_stages=len(self.layers), keep=torch.ones(b, length, dtype=torch.bool, device=dev),
                                 embeds=kwargs["inputs_embeds"] if "embeds" in self.spec.llm_signals else None)
 
@@ -138,6 +141,31 @@ class InnerStage:
         cand[fixed.cpu()] = False
         return sp.cols[cand]
 
+    def _n_keep(self, s: int, n_in: int, alive: int) -> int:
+        """Tokens stage s keeps of a run of ``n_in`` candidates of which ``alive`` survive (the spec's
+        budgets)."""
+        first = self.h.lconfig.tokens_for(n_in + self.h._prefix) - self.h._prefix  # a kept CLS prefix counts
+        n_keep = first if self.spec.llm_budget is None else self.spec.llm_budget(self.h.lconfig, s, first, n_in)
+        return max(0, min(n_keep, alive))
+
+    def _uneven(self, state: CallState, fixed: list[torch.Tensor], b: int) -> bool:
+        """Whether some stage would drop different numbers of tokens from different rows (rows
+        would then need ghost padding), from the budgets alone, before any layer runs."""
+        alive: dict[int, int] = {}
+        n_in: dict[int, int] = {}
+        for j, (sp, fx) in enumerate(zip(state.spans, fixed)):
+            if self.applies(sp):
+                n_in[j] = alive[j] = int(self._content(sp, fx).numel())
+        for s in range(len(self.layers)):
+            dropped = [0] * b
+            for j in n_in:
+                k = self._n_keep(s, n_in[j], alive[j])
+                dropped[state.spans[j].row] += alive[j] - k
+                alive[j] = k
+            if len(set(dropped)) > 1:
+                return True
+        return False
+
     def choose(self, state: CallState, s: int, hidden: torch.Tensor, cur: torch.Tensor, inv: torch.Tensor,
                prev: InnerCut | None) -> tuple[torch.Tensor, list[tuple[int, torch.Tensor, torch.Tensor]]]:
         """[B, L] keep mask of stage s (a subset of the previous one) from the strategy's signals,
@@ -159,11 +187,17 @@ class InnerStage:
         if sig & QK_SIGNALS:
             layer = self.h.score_layers[s]
             la = self.h.family.llm_attention(layer)
-            qk = state.qk.pop(layer)
+            again = layer in self.h.score_layers[s + 1:]     # a later stage reads this layer too
+            qk = state.qk[layer] if again else state.qk.pop(layer)
             assert fv.rope is not None, f"layer {layer} ran without position_embeddings"
             cos, sin = fv.rope
-            fv.rope = None
+            if not again:
+                fv.rope = None
             cos, sin = cos.expand(b, *cos.shape[1:]), sin.expand(b, *sin.shape[1:])
+            ran_on = next((c.idx for c in reversed(fv.cuts) if c.layer <= layer), None)
+            if prev is not None and ran_on is not prev.idx:
+                # the layer ran before an earlier stage's cut: its rows of the tokens still here
+                qk, cos, sin = self._rows_now(qk, cos, sin, ran_on, cur, length)
             kk = la.rotary(qk["k"].reshape(b, n_cur, la.num_kv_heads, la.head_dim).transpose(1, 2), cos, sin)
             if sig & Q_SIGNALS:
                 q = qk["q"].reshape(b, n_cur, la.num_heads, la.head_dim)
@@ -209,10 +243,7 @@ class InnerStage:
                 e = fv.embeds.to(dev)
                 tokens.embeds, tokens.text_embeds = e[r, content], e[r, text_full]
                 tokens.alive = torch.nonzero(keep[r, content]).flatten()
-            first = self.h.lconfig.tokens_for(fv.n_in[j] + self.h._prefix) - self.h._prefix  # a kept CLS prefix counts
-            n_keep = first if self.spec.llm_budget is None else self.spec.llm_budget(
-                self.h.lconfig, s, first, fv.n_in[j])
-            n_keep = max(0, min(n_keep, int(alive.numel())))
+            n_keep = self._n_keep(s, fv.n_in[j], int(alive.numel()))
             assert self.spec.select_llm is not None
             got = self.spec.select_llm(self.h.lconfig, tokens, n_keep)
             feats: torch.Tensor | None = None
@@ -231,6 +262,21 @@ class InnerStage:
             drop[kept] = False
             keep[r, alive[drop]] = False
         return keep, merges
+
+    @staticmethod
+    def _rows_now(qk: dict[str, torch.Tensor], cos: torch.Tensor, sin: torch.Tensor, ran_on: torch.Tensor | None,
+                  cur: torch.Tensor, length: int) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+        """q / k / cos / sin of a layer that ran on the sequence ``ran_on`` [B, L_r] (LLM-input
+        positions; None: the LLM input itself), gathered to the current sequence ``cur`` [B, L_c]."""
+        rows = cur
+        if ran_on is not None:     # where each LLM-input position sits in ``ran_on`` (its padding: a spare column)
+            b, n = ran_on.shape
+            r = ran_on.to(cur.device)
+            where = torch.full((b, length + 1), -1, dtype=torch.long, device=cur.device)
+            where.scatter_(1, torch.where(r >= 0, r, length), torch.arange(n, device=cur.device).expand(b, n))
+            rows = where.gather(1, cur.clamp(min=0)).masked_fill(cur < 0, -1)
+        return ({key: take(v, rows, 1, 0, padded=True) for key, v in qk.items()},
+                take(cos, rows, 1, 0, padded=True), take(sin, rows, 1, 0, padded=True))
 
     def cut(self, state: CallState, s: int, keep: torch.Tensor, cur: torch.Tensor, inv: torch.Tensor,
             merges: list[tuple[int, torch.Tensor, torch.Tensor]]) -> None:
@@ -267,6 +313,7 @@ class InnerStage:
             ghost_full = torch.zeros_like(keep)
             for r in range(b):
                 if int(extra[r]):
+                    assert self.h.family.inner_ghosts, "start() refuses batches that would need ghosts here"
                     ghost_full[r, torch.nonzero(dropped[r]).flatten()[: int(extra[r])]] = True
             idx = left_packed_index(keep | ghost_full)
             ghost = torch.gather(ghost_full, 1, idx) if bool(ghost_full.any()) else None
