@@ -172,6 +172,14 @@ def expected(handle, model, inp):
 
     info = handle.family.vision_info
     res = []
+    texts = iter([])
+    if handle.spec.text:     # CDPruner: the LLM-input embeddings of the text after each run
+        ids = inp["input_ids"]
+        visual = (ids == ANYRES_IDS["image"]) | (ids == ANYRES_IDS["video"])
+        emb = model.model.get_input_embeddings()(ids)
+        valid = inp["attention_mask"].bool() if "attention_mask" in inp else torch.ones_like(visual)
+        texts = iter([emb[row][(torch.arange(ids.shape[1]) > cols.max()) & ~visual[row] & valid[row]]
+                      for _, row, cols, _ in layouts(model, inp)])
     for modality in ("image", "video"):
         feats = packed_features(model, inp, modality)
         if not feats:
@@ -180,6 +188,7 @@ def expected(handle, model, inp):
         crops = crops_per_image(model, inp) if modality == "image" else None
         g = model.config.vision_config.image_size // model.config.vision_config.patch_size
         for i, f in enumerate(feats):
+            text = next(texts, None)
             nl = (f == model.model.image_newline.to(f.dtype)).all(-1)
             units = []
             if modality == "image":
@@ -209,7 +218,7 @@ def expected(handle, model, inp):
             for (pos, grid, _), sc, n in zip(units, unit_scores, budgets):
                 frames = pos.numel() // (grid[0] * grid[1])
                 sel = handle.spec.select(handle.config, VisualTokens(grid=grid, features=f[pos], scores=sc,
-                                                                     frames=frames), n, info)
+                                                                     frames=frames, text=text), n, info)
                 kept.append(pos[sel.indices])
                 if sel.features is not None:
                     merged.update({int(pos[j]): sel.features[k] for k, j in enumerate(sel.indices)})

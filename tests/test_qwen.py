@@ -112,6 +112,15 @@ def expected(handle, model, inp):
     sizes = [int(g.prod(-1).sum()) for _, _, g in feats]
     offsets = [0, sizes[0]] if len(sizes) == 2 else [0]
     out = []
+    texts = iter([])
+    if handle.spec.text:     # CDPruner: the LLM-input embeddings of the text after each run (row 0)
+        ids = inp["input_ids"][0]
+        visual = (ids == QWEN_IDS["image"]) | (ids == QWEN_IDS["video"])
+        emb = model.model.get_input_embeddings()(ids)
+        # one image and one video here; a video's run ends at its last frame (Qwen3-VL puts
+        # timestamps between its frames)
+        ends = [int(torch.nonzero(ids == QWEN_IDS[m]).max()) for m in ("image", "video") if bool((ids == QWEN_IDS[m]).any())]
+        texts = iter([emb[(torch.arange(ids.numel()) > e) & ~visual] for e in ends])
     for p, (pooled, merged, grid) in enumerate(feats):
         rmap = row_map(pooled, merged)
         sl = slice(offsets[p], offsets[p] + sizes[p])
@@ -125,6 +134,7 @@ def expected(handle, model, inp):
             tok[(r.layer, r.kind)] = v[rmap]                          # raster order
         off = 0
         for t, h, w in grid.tolist():
+            text = next(texts, None)
             gh, gw = h // 2, w // 2
             total = handle.config.tokens_for(t * gh * gw)
             budgets = split_budget(total, [gh * gw] * t)
@@ -132,7 +142,7 @@ def expected(handle, model, inp):
             for j in range(t):
                 rows = torch.arange(off + j * gh * gw, off + (j + 1) * gh * gw)
                 vt = VisualTokens(grid=(gh, gw), features=pooled[rows],
-                                  scores={k: v[rows] for k, v in tok.items()})
+                                  scores={k: v[rows] for k, v in tok.items()}, text=text)
                 sel = handle.spec.select(handle.config, vt, budgets[j], handle.family.vision_info)
                 idx.append(sel.indices + j * gh * gw)
                 merged_feats.append(sel.features)
