@@ -80,7 +80,7 @@ class Gemma3Family(Family):
 
     def __init__(self, model: Any) -> None:
         super().__init__(model)
-        core = llava_core(model, "gemma3", "Gemma3ForConditionalGeneration")
+        core = llava_core(self, model, "gemma3", "Gemma3ForConditionalGeneration")
         cfg = model.config
         tcfg = cfg.text_config
         impl = getattr(tcfg, "_attn_implementation", None)
@@ -92,11 +92,6 @@ class Gemma3Family(Family):
             raise UnsupportedModelError(
                 "Gemma 3 with use_bidirectional_attention=True: its language model would make the pruned prompt's "
                 "text bidirectional, which the multimodal model's own masks are not")
-        self.outer = core
-        self.vision_tower = core.vision_tower
-        self.projector = core.multi_modal_projector
-        self.language_model = core.language_model
-        self.decoder_layers = core.language_model.layers
         self._vision_layers = vision_encoder_layers(core.vision_tower)
         #: patches a side of the tower's grid, and of one pooling window
         self.patches = int(self.projector.patches_per_image)

@@ -38,6 +38,7 @@ import torch
 from tokenprune.errors import UnsupportedCallError, UnsupportedModelError
 from tokenprune.family import Family, ImageLayout, Unit, VisionAttention
 from tokenprune.registry import register_family
+from tokenprune.sequence import run_lengths
 from tokenprune.stats import LayerDims
 from tokenprune.strategies.base import LLMInfo, VisionInfo
 
@@ -70,14 +71,9 @@ class InternVLFamily(DecoderLLM, Family):
 
     def __init__(self, model: Any) -> None:
         super().__init__(model)
-        core = llava_core(model, "internvl", "InternVLForConditionalGeneration")
+        core = llava_core(self, model, "internvl", "InternVLForConditionalGeneration")
         cfg = model.config
         vcfg, tcfg = cfg.vision_config, cfg.text_config
-        self.outer = core
-        self.vision_tower = core.vision_tower
-        self.projector = core.multi_modal_projector
-        self.language_model = core.language_model
-        self.decoder_layers = core.language_model.layers
         layers = getattr(getattr(core.vision_tower, "encoder", None), "layer", None)
         if layers is None:
             raise UnsupportedModelError(f"cannot find the encoder layers of vision tower {type(core.vision_tower).__name__}")
@@ -152,15 +148,7 @@ class InternVLFamily(DecoderLLM, Family):
         mask = self.visual_mask(args, kwargs)
         if mask is None:
             return {}
-        lengths: list[int] = []
-        for r in range(mask.shape[0]):
-            pos = torch.nonzero(mask[r]).flatten()
-            if pos.numel() == 0:
-                continue
-            breaks = torch.nonzero(pos[1:] != pos[:-1] + 1).flatten() + 1
-            bounds = [0] + breaks.tolist() + [pos.numel()]
-            lengths.extend(b - a for a, b in zip(bounds[:-1], bounds[1:]))
-        return {"image": lengths}
+        return {"image": run_lengths(mask)}
 
     def lm_layouts(self, modality: str, spans: list[Any], embeds: torch.Tensor, raws: list[Any],
                    per_frame: bool = True) -> list[ImageLayout]:

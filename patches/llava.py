@@ -55,15 +55,21 @@ class DecoderLLM:
         return dims, t.num_hidden_layers
 
 
-def llava_core(model: Any, model_type: str, class_name: str) -> Any:
+def llava_core(family: Any, model: Any, model_type: str, class_name: str) -> Any:
     """The inner model of a LLaVA-style ``...ForConditionalGeneration`` (``model.model``), checked
-    for the vision tower / projector / language model layout transformers 5.x gives it."""
+    for the vision tower / projector / language model layout transformers 5.x gives it; binds
+    ``family``'s ``outer``, ``vision_tower``, ``projector``, ``language_model``, ``decoder_layers``."""
     core = getattr(model, "model", model)
     for attr in ("vision_tower", "multi_modal_projector", "language_model"):
         if not hasattr(core, attr):
             raise UnsupportedModelError(
                 f"{type(model).__name__} (model_type {model_type!r}) has no {attr}; expected the "
                 f"transformers 5.x {class_name} layout")
+    family.outer = core
+    family.vision_tower = core.vision_tower
+    family.projector = core.multi_modal_projector
+    family.language_model = core.language_model
+    family.decoder_layers = core.language_model.layers
     return core
 
 
@@ -91,14 +97,9 @@ class LlavaFamily(DecoderLLM, Family):
 
     def __init__(self, model: Any) -> None:
         super().__init__(model)
-        core = llava_core(model, "llava", "LlavaForConditionalGeneration")
+        core = llava_core(self, model, "llava", "LlavaForConditionalGeneration")
         cfg = model.config
         vcfg, tcfg = cfg.vision_config, cfg.text_config
-        self.outer = core
-        self.vision_tower = core.vision_tower
-        self.projector = core.multi_modal_projector
-        self.language_model = core.language_model
-        self.decoder_layers = core.language_model.layers
         self._vision_layers = vision_encoder_layers(core.vision_tower)
         n_layers = len(self._vision_layers)
         vfl = cfg.vision_feature_layer

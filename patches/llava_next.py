@@ -35,6 +35,7 @@ from torch import nn
 from tokenprune.errors import UnsupportedCallError, UnsupportedModelError
 from tokenprune.family import ImageLayout, Unit
 from tokenprune.registry import register_family
+from tokenprune.sequence import run_lengths
 
 from .llava import LlavaFamily
 
@@ -128,16 +129,9 @@ class LlavaNextFamily(LlavaFamily):
             counts = self._image_counts(kwargs)
             if counts is not None:
                 return counts
-        lengths: list[int] = []
-        # host syncs (one per row): where the runs of an anyres prompt end depends on each image's
-        # size and unpadding, read from the placeholders themselves
-        for r in range(mask.shape[0]):
-            pos = torch.nonzero(mask[r]).flatten()
-            if pos.numel() == 0:
-                continue
-            breaks = torch.nonzero(pos[1:] != pos[:-1] + 1).flatten() + 1
-            bounds = [0] + breaks.tolist() + [pos.numel()]
-            lengths.extend(b - a for a, b in zip(bounds[:-1], bounds[1:]))
+        # where the runs of an anyres prompt end depends on each image's size and unpadding,
+        # read from the placeholders themselves
+        lengths = run_lengths(mask)
         given = (kwargs.get("mm_encoder_outputs") or {}).get(m)
         if given is not None:
             sizes = [int(f.shape[0]) for f in (given.pooler_output if not torch.is_tensor(given.pooler_output)

@@ -53,6 +53,20 @@ def left_packed_index(keep: torch.Tensor, width: int | None = None) -> torch.Ten
     return packed[:, packed.shape[1] - width:] if width else packed[:, :0]
 
 
+def run_lengths(mask: torch.Tensor) -> list[int]:
+    """[B, L] bool -> the lengths of its runs of consecutive True, row by row (host syncs: one
+    per row, where the runs end is data)."""
+    lengths: list[int] = []
+    for r in range(mask.shape[0]):
+        pos = torch.nonzero(mask[r]).flatten()
+        if pos.numel() == 0:
+            continue
+        breaks = torch.nonzero(pos[1:] != pos[:-1] + 1).flatten() + 1
+        bounds = [0] + breaks.tolist() + [pos.numel()]
+        lengths.extend(b - a for a, b in zip(bounds[:-1], bounds[1:]))
+    return lengths
+
+
 def true_positions(mask: torch.Tensor, k: int) -> torch.Tensor:
     """[L] bool with exactly ``k`` True -> [k] their positions, ascending, without a host sync."""
     n = mask.shape[-1]

@@ -79,6 +79,12 @@ class VisualTokens:
     #: images' tokens left out); T may be 0
     text: torch.Tensor | None = None
 
+    def require_features(self, strategy: str) -> torch.Tensor:
+        """``features``, or a ValueError naming the strategy that needs them."""
+        if self.features is None:
+            raise ValueError(f"{strategy} needs the visual features")
+        return self.features
+
 
 @dataclass
 class LLMTokens:

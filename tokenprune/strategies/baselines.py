@@ -15,7 +15,7 @@ import torch
 
 from ..config import PruneConfig, check_range
 from ..registry import register_strategy
-from .base import Selection, StrategySpec, VisualTokens
+from .base import Selection, StrategySpec
 
 
 @dataclass(frozen=True)
@@ -92,15 +92,9 @@ RANDOM = register_strategy(StrategySpec(
     select=lambda cfg, tok, n, info: Selection(random_select(tok.grid[0] * tok.grid[1], n, cfg.seed)),
     paper="baseline: uniform random subset",
 ))
-def _features(tok: VisualTokens) -> torch.Tensor:
-    if tok.features is None:
-        raise ValueError("pool needs the visual features")
-    return tok.features
-
-
 POOL = register_strategy(StrategySpec(
     name="pool", config_cls=PoolConfig, stage="vision", needs=frozenset({"features"}),
     requests=lambda cfg, info: [],
-    select=lambda cfg, tok, n, info: pool_select(_features(tok), tok.grid, n),
+    select=lambda cfg, tok, n, info: pool_select(tok.require_features("pool"), tok.grid, n),
     paper="baseline: 2D average pooling",
 ))

@@ -277,14 +277,8 @@ def cdpruner_select(features: torch.Tensor, text: torch.Tensor | None, n_keep: i
     return cdpruner_select_batch(features.unsqueeze(0), [text], n_keep, theta=theta, negate=negate)[0]
 
 
-def _features(tok: VisualTokens) -> torch.Tensor:
-    if tok.features is None:
-        raise ValueError("cdpruner needs the visual features")
-    return tok.features
-
-
 def _select(cfg: CDPrunerConfig, tokens: VisualTokens, n_keep: int, info: VisionInfo) -> Selection:
-    f = _features(tokens)
+    f = tokens.require_features("cdpruner")
     return Selection(cdpruner_select(f.reshape(-1, f.shape[-1]), tokens.text, n_keep,
                                      theta=cfg.theta, negate=cfg.negate_relevance))
 
@@ -292,7 +286,7 @@ def _select(cfg: CDPrunerConfig, tokens: VisualTokens, n_keep: int, info: Vision
 def _select_batch(cfg: CDPrunerConfig, tokens: VisualTokens, n_keep: int, info: VisionInfo) -> list[Selection]:
     """A stack of same-shaped units; ``tokens.text``: [B, T, D] (one text per unit), a list of
     [T_b, D], or None (no text: pure diversity)."""
-    f = _features(tokens)
+    f = tokens.require_features("cdpruner")
     f = f.reshape(f.shape[0], -1, f.shape[-1])
     idx = cdpruner_select_batch(f, tokens.text, n_keep, theta=cfg.theta, negate=cfg.negate_relevance)
     return [Selection(i) for i in idx]

@@ -120,19 +120,13 @@ def divprune_select(features: torch.Tensor, n_keep: int) -> torch.Tensor:
     return divprune_select_batch(features.unsqueeze(0), n_keep)[0]
 
 
-def _features(tok: VisualTokens) -> torch.Tensor:
-    if tok.features is None:
-        raise ValueError("divprune needs the visual features")
-    return tok.features
-
-
 def _select(cfg: DivPruneConfig, tokens: VisualTokens, n_keep: int, info: VisionInfo) -> Selection:
-    f = _features(tokens)
+    f = tokens.require_features("divprune")
     return Selection(divprune_select(f.reshape(-1, f.shape[-1]), n_keep))
 
 
 def _select_batch(cfg: DivPruneConfig, tokens: VisualTokens, n_keep: int, info: VisionInfo) -> list[Selection]:
-    f = _features(tokens)
+    f = tokens.require_features("divprune")
     return [Selection(i) for i in divprune_select_batch(f.reshape(f.shape[0], -1, f.shape[-1]), n_keep)]
 
 

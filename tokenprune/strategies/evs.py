@@ -116,10 +116,8 @@ def evs_select(features: torch.Tensor, n_keep: int) -> torch.Tensor:
 
 def _frames(tokens: VisualTokens) -> torch.Tensor:
     """The unit's features as [..., F, P, D]."""
-    if tokens.features is None:
-        raise ValueError("evs needs the visual features")
     h, w = tokens.grid
-    x = tokens.features
+    x = tokens.require_features("evs")
     return x.reshape(*x.shape[:-2], tokens.frames, h * w, x.shape[-1])
 
 
