@@ -68,6 +68,7 @@ class InternVLFamily(DecoderLLM, Family):
     name = "internvl"
     model_types = ("internvl",)
     select_at_lm = True
+    video_frames_as_images = True    # the processor's frames reach the model as one-tile images
 
     def __init__(self, model: Any) -> None:
         super().__init__(model)
@@ -250,3 +251,17 @@ class InternVLFamily(DecoderLLM, Family):
                           None if merge_groups is None else merge_groups[n_grid:])]
         titles = [f"tiles ({rows}x{cols} of {ts}x{ts})", f"thumbnail ({ts}x{ts})"]
         return grid(panels, titles, cols=2, cell=max(256, max(image.size)))
+
+    def video_overlay(self, frames: list[Any], kept: torch.Tensor | None, n_tokens: int, processor: Any,
+                      inputs: dict[str, Any]) -> Any:
+        """Every frame's tile grid (a frame is one tile of ``tile_side`` x ``tile_side`` tokens, in clip
+        order); ``kept``: indices into the clip's frame-major tokens."""
+        from tokenprune.visualize import uniform_boxes, video_overlay
+
+        t = self.tile_tokens
+        n_frames = n_tokens // t
+        if n_frames != len(frames):       # a processor that sampled frames: spread them over the clip
+            frames = [frames[round(i * (len(frames) - 1) / max(1, n_frames - 1))] for i in range(n_frames)]
+        kept = torch.arange(n_tokens) if kept is None else torch.as_tensor(kept).long()
+        boxes = uniform_boxes(frames[0].size, self.tile_side, self.tile_side)
+        return video_overlay(frames, kept, t, boxes, 1)

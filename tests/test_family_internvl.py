@@ -327,6 +327,34 @@ def test_cli_run_on_a_saved_folder(tmp_path):
     assert (tmp_path / "o.png").exists()
 
 
+def test_cli_run_on_a_video_prunes_every_frame_as_a_one_tile_image(tmp_path):
+    """``run --video``: the processor's frames reach the model as one-tile images, each with its share of
+    the budget; the overlay has one panel per frame, with the kept tiles' tokens of that frame."""
+    from tokenprune.runner import Runner, open_video
+
+    t.save(tmp_path / "ivl")
+    clip = random_video(4, 2 * t.TILE, 2 * t.TILE, 3)
+    np_path = tmp_path / "clip.npy"
+    import numpy as np
+
+    np.save(np_path, clip)
+    res = subprocess.run([sys.executable, "-m", "tokenprune.cli", "run", "--model", str(tmp_path / "ivl"), "--video",
+                          str(np_path), "--strategy", "hiprune", "--keep", "0.25", "--json",
+                          "--overlay", str(tmp_path / "v.png")], capture_output=True, text=True, timeout=300,
+                         cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout[res.stdout.index("{"):])
+    assert report["visual_tokens_in"] == 4 * T and report["visual_tokens_kept"] == 4 * round(0.25 * T)
+    assert [len(k) for k in report["kept_indices"]] == [round(0.25 * T)] * 4     # one unit per frame
+    assert (tmp_path / "v.png").exists()
+    # the overlay's kept boxes: the family maps the clip's frame-major indices onto each frame
+    runner = Runner(str(tmp_path / "ivl"))
+    frames = open_video(np_path)
+    out = runner.run(None, "what is in the image", "hiprune", video=frames, keep=0.25)
+    unpruned = runner.run(None, "what is in the image", None, video=frames)
+    assert out.overlay.size == unpruned.overlay.size and out.overlay.tobytes() != unpruned.overlay.tobytes()
+
+
 def test_every_strategy_but_the_video_ones_is_served():
     fam = tokenprune.api.family_for(model_of())
     refused = [s for s in tokenprune.list_strategies() if not set(registry.get_strategy(s).needs) <= fam.provides]

@@ -132,6 +132,14 @@ class Family:
     inner_ghosts: ClassVar[bool] = True
     #: whether ``positions="compact"`` (renumbering kept tokens) is meaningful for this family
     supports_compact: ClassVar[bool] = True
+    #: True: the processor takes video, but the model sees its frames as images (InternVL: one-tile
+    #: images, no video modality), so the CLI / demo accept a clip and each frame is pruned as an image
+    video_frames_as_images: ClassVar[bool] = False
+
+    @property
+    def takes_video(self) -> bool:
+        """Whether a clip is a valid input (a video modality, or frames fed as images)."""
+        return "video" in self.provides or self.video_frames_as_images
 
     @property
     def selection_module(self) -> nn.Module:

@@ -256,9 +256,9 @@ class Runner:
         if video is None:
             enc = self.processor(images=image, text=user_prompt(self.processor, question), return_tensors="pt")
             return to_model(enc, self.model, self.device)
-        if "video" not in self.family.provides:
-            raise ConfigError(f"{self.family.name} models take no video input; use a LLaVA-OneVision or "
-                              "Qwen-VL checkpoint")
+        if not self.family.takes_video:
+            raise ConfigError(f"{self.family.name} models take no video input; use a LLaVA-OneVision, "
+                              "Qwen-VL or InternVL checkpoint")
         kw = {**_quiet_video_kwargs(self.processor), **self.family.video_processor_kwargs(video)}
         enc = self.processor(videos=[video], text=user_prompt(self.processor, question, 0, 1), return_tensors="pt",
                              **kw)
@@ -317,5 +317,9 @@ class Runner:
     def video_overlay(self, video: Any, res: RunResult, inputs: dict[str, torch.Tensor]) -> Image.Image:
         """Kept tokens of the video on its frames (one panel per token frame)."""
         frames = [Image.fromarray(f) for f in video]
-        kept = res.kept_indices[0] if res.kept_indices else None
+        kept = None
+        if res.kept_indices:
+            # frames fed as images (InternVL) are one unit each, of equal length: indices into the clip
+            step = res.tokens_in // len(res.kept_indices)
+            kept = torch.cat([torch.as_tensor(k).long() + i * step for i, k in enumerate(res.kept_indices)])
         return self.family.video_overlay(frames, kept, res.tokens_in, self.processor, inputs)

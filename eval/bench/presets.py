@@ -27,6 +27,8 @@ class ModelPreset:
     size: tuple[int, int] | None = None
     video_frames: int | None = None        # a clip of this many frames per row instead of an image
     strategies: tuple[str, ...] | None = None   # overrides the bench's list (e.g. video methods)
+    #: per-strategy parameters besides the budget (e.g. a scoring layer the family can serve)
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -153,6 +155,105 @@ def llava_onevision_7b_config():
                                 vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9")
 
 
+def _mid_qwen3_5():
+    """Qwen3.5 at the CPU preset's mid size: the released layer pattern (three Gated-DeltaNet layers,
+    then one full-attention layer) over 8 layers of 512, and a 16 px tower of 8 x 256."""
+    from transformers import Qwen3_5Config
+
+    types = ["linear_attention"] * 3 + ["full_attention"]
+    text = dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=8,
+                num_key_value_heads=2, head_dim=64, vocab_size=1024, max_position_embeddings=8192,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25,
+                                 "mrope_section": [2, 3, 3], "mrope_interleaved": True},
+                linear_key_head_dim=64, linear_value_head_dim=64, linear_num_key_heads=4, linear_num_value_heads=8,
+                layer_types=types * 2)
+    vision = dict(depth=8, hidden_size=256, out_hidden_size=512, intermediate_size=1024, num_heads=8,
+                  patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=1024)
+    # small special ids (the bench's random text is drawn from 10 up)
+    return Qwen3_5Config(text_config=text, vision_config=vision, image_token_id=4, video_token_id=5,
+                         vision_start_token_id=6, vision_end_token_id=7)
+
+
+def qwen3_5_config():
+    """Qwen3.5 at transformers' default ``Qwen3_5Config`` geometry: a 27-block SigLIP-style 16 px tower
+    (1152 wide) + a 32-layer hybrid LLM of 4096 (three Gated-DeltaNet layers per full-attention
+    layer, 16 heads of 256 with 4 kv heads); the merger's output widened to the LLM's 4096."""
+    from transformers import Qwen3_5Config
+
+    cfg = Qwen3_5Config()
+    cfg.vision_config.out_hidden_size = cfg.text_config.hidden_size
+    return cfg
+
+
+def _mid_internvl():
+    """InternVL at mid size: 224 px tiles of 14 px patches (16 x 16, pixel-shuffled to 8 x 8 = 64 tokens
+    a tile), an 8 x 256 InternViT and a Qwen2 LLM of 8 x 512."""
+    from transformers import InternVLConfig, InternVLVisionConfig, Qwen2Config
+
+    vision = InternVLVisionConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=8,
+                                  image_size=224, patch_size=14)
+    text = Qwen2Config(hidden_size=512, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=8,
+                       num_key_value_heads=8, vocab_size=1024, max_position_embeddings=8192)
+    return InternVLConfig(vision_config=vision, text_config=text, image_token_id=4, image_seq_length=64,
+                          downsample_ratio=0.5, vision_feature_layer=-1, vision_feature_select_strategy="default")
+
+
+def internvl3_8b_config():
+    """InternVL3-8B (``-hf`` format): InternViT-300M (24 layers, 1024 wide, 448 px tiles of 14 px, 256 LLM
+    tokens a tile after the 2 x 2 pixel shuffle) + Qwen2.5-7B (28 layers, 3584, 4 kv heads)."""
+    from transformers import InternVLConfig, InternVLVisionConfig, Qwen2Config
+
+    vision = InternVLVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                  num_attention_heads=16, image_size=448, patch_size=14, layer_scale_init_value=0.1)
+    text = Qwen2Config(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                       num_key_value_heads=4, vocab_size=151674, max_position_embeddings=32768, rms_norm_eps=1e-6,
+                       rope_theta=1000000.0, tie_word_embeddings=False)
+    return InternVLConfig(vision_config=vision, text_config=text, image_token_id=151667, image_seq_length=256,
+                          downsample_ratio=0.5, vision_feature_layer=-1, vision_feature_select_strategy="default",
+                          projector_hidden_act="gelu", tie_word_embeddings=False)
+
+
+def _mid_gemma3():
+    """Gemma 3 at mid size: a 448 px SigLIP tower of 14 px patches (32 x 32, average-pooled 2 x 2 to the
+    fixed 256 tokens an image), 8 x 256; a Gemma 3 LLM of 8 x 512 with its 5 sliding : 1 full pattern."""
+    from transformers import Gemma3Config, Gemma3TextConfig, SiglipVisionConfig
+
+    vision = SiglipVisionConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=8,
+                                image_size=448, patch_size=14, vision_use_head=False)
+    types = (["sliding_attention"] * 5 + ["full_attention"]) * 2
+    text = Gemma3TextConfig(vocab_size=1024, hidden_size=512, intermediate_size=1024, num_hidden_layers=8,
+                            num_attention_heads=8, num_key_value_heads=4, head_dim=64, query_pre_attn_scalar=64,
+                            sliding_window=512, layer_types=types[:8], max_position_embeddings=8192)
+    return Gemma3Config(vision_config=vision, text_config=text, mm_tokens_per_image=256, image_token_index=4,
+                        boi_token_index=5, eoi_token_index=6)
+
+
+def gemma3_4b_config():
+    """Gemma-3-4B: SigLIP-so400m/14 at 896 px (27 layers, 1152 wide, 64 x 64 patches pooled 4 x 4 to 256
+    tokens an image) + a 34-layer Gemma 3 LLM of 2560 (8 heads of 256, 4 kv; 5 sliding-window layers of
+    1024 per full-attention layer)."""
+    from transformers import Gemma3Config, Gemma3TextConfig, SiglipVisionConfig
+
+    vision = SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                                image_size=896, patch_size=14, vision_use_head=False)
+    types = [("full_attention" if (i + 1) % 6 == 0 else "sliding_attention") for i in range(34)]
+    text = Gemma3TextConfig(vocab_size=262208, hidden_size=2560, intermediate_size=10240, num_hidden_layers=34,
+                            num_attention_heads=8, num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256,
+                            sliding_window=1024, layer_types=types, max_position_embeddings=131072,
+                            rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0,
+                                                                "rope_theta": 1000000.0},
+                                             "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}})
+    return Gemma3Config(vision_config=vision, text_config=text, mm_tokens_per_image=256, image_token_index=262144,
+                        boi_token_index=255999, eoi_token_index=256000)
+
+
+#: what Gemma 3 serves: vision-stage methods (inner-LLM stages are refused: its sliding-window masks)
+GEMMA3_STRATEGIES = ("hiprune", "fopru", "visionzip", "random", "pool", "divprune", "vispruner", "prumerge",
+                     "cdpruner")
+#: Qwen3.5: inner methods score on a full-attention layer; the first is layer 3, so K >= 4
+QWEN3_5_OPTIONS: dict[str, dict[str, Any]] = {"fastv": {"layer": 4}, "dart": {"layer": 4}}
+
+
 VIDEO_STRATEGIES = ("holitom", "evs", "hiprune", "visionzip", "fastv", "random", "pool")
 
 PRESETS: dict[str, BenchPreset] = {
@@ -184,7 +285,15 @@ PRESETS: dict[str, BenchPreset] = {
                             budgets=(85, 28), size=(32, 32)),
                 # 16 frames x 36 pooled tokens (+ 1 newline) = 577 placeholders; keep 20 % / 10 %
                 ModelPreset("llava-ov-mid video (16 fr)", "llava_onevision", _mid_ov_video, batches=(1,),
-                            budgets=(115, 58), video_frames=16, strategies=VIDEO_STRATEGIES)),
+                            budgets=(115, 58), video_frames=16, strategies=VIDEO_STRATEGIES),
+                # 512 x 512 px (32 x 32 patches of 16 px) -> 256 merged tokens
+                ModelPreset("qwen3.5-mid (256 tok)", "qwen3_5", _mid_qwen3_5, batches=(1, 4), budgets=(85, 28),
+                            size=(32, 32), options=QWEN3_5_OPTIONS),
+                # 448 x 448 px -> 2 x 2 tiles + thumbnail = 5 tiles x 64 tokens
+                ModelPreset("internvl-mid (5 tiles)", "internvl", _mid_internvl, batches=(1, 4), budgets=(105, 35),
+                            size=(448, 448)),
+                ModelPreset("gemma3-mid (256 tok)", "gemma3", _mid_gemma3, batches=(1, 4), budgets=(85, 28),
+                            strategies=GEMMA3_STRATEGIES)),
         repeats=5, warmup=1, decode_tokens=8, capture_batch=8),
     "gpu": BenchPreset(
         models=(# 672 x 672 px: 5 crops -> 2,928 placeholders (576 base + 48 x 48 canvas + 48 newlines)
@@ -198,7 +307,15 @@ PRESETS: dict[str, BenchPreset] = {
                             batches=(1,), budgets=(1254, 627), dtype=torch.bfloat16, video_frames=32,
                             strategies=VIDEO_STRATEGIES),
                 ModelPreset("llava-1.5-7b", "llava", llava15_7b_config, batches=(1, 16),
-                            budgets=(192, 128, 64), dtype=torch.bfloat16)),
+                            budgets=(192, 128, 64), dtype=torch.bfloat16),
+                # 1024 x 1024 px: 64 x 64 patches of 16 px -> 1,024 tokens; 33 / 22 / 11 %
+                ModelPreset("qwen3.5 (4096 x 32, 1024 px)", "qwen3_5", qwen3_5_config, batches=(1,),
+                            budgets=(338, 225, 113), dtype=torch.bfloat16, size=(64, 64), options=QWEN3_5_OPTIONS),
+                # 896 x 896 px: 2 x 2 tiles + thumbnail = 5 x 256 = 1,280 tokens
+                ModelPreset("internvl3-8b (5 tiles)", "internvl", internvl3_8b_config, batches=(1,),
+                            budgets=(425, 285, 140), dtype=torch.bfloat16, size=(896, 896)),
+                ModelPreset("gemma-3-4b (256 tok)", "gemma3", gemma3_4b_config, batches=(1, 16),
+                            budgets=(85, 56, 28), dtype=torch.bfloat16, strategies=GEMMA3_STRATEGIES)),
         repeats=7, warmup=2, decode_tokens=16, capture_batch=8),
 }
 

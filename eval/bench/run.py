@@ -216,7 +216,7 @@ class Bench:
         ideal_cache: dict[int, dict[str, Any]] = {}
         for budget in mp.budgets:
             for name in self.strategies_for(mp):
-                h = tokenprune.apply(model, name, budget=budget)
+                h = tokenprune.apply(model, name, budget=budget, **mp.options.get(name, {}))
                 try:
                     res = measure(decode=budget == min(mp.budgets))
                     st = h.last_stats
@@ -319,7 +319,7 @@ class Bench:
         budget = mp.budgets[0]
         sdpa = self.t(lambda: core.get_image_features(pixel_values=px))
         for name in [s for s in self.bp.reference if s in self.strategies]:
-            h = tokenprune.apply(model, name, budget=budget)
+            h = tokenprune.apply(model, name, budget=budget, **mp.options.get(name, {}))
             try:
                 ours = self.t(lambda: core.get_image_features(pixel_values=px))
                 model(**inputs, logits_to_keep=1, use_cache=False)
@@ -360,7 +360,7 @@ class Bench:
             model = build(mp, self.device)
             family = family_for(model)
             # official-style reference (eager tower + output_attentions): LLaVA-1.5 only
-            plain = family.tokens_per_image is not None and not mp.video_frames
+            plain = family.name == "llava" and not mp.video_frames
             eager = eager_copy(family.vision_tower) if plain else None
             try:
                 for batch in mp.batches:
