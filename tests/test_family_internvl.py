@@ -13,6 +13,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from transformers import GenerationMixin
@@ -333,11 +334,8 @@ def test_cli_run_on_a_video_prunes_every_frame_as_a_one_tile_image(tmp_path):
     from tokenprune.runner import Runner, open_video
 
     t.save(tmp_path / "ivl")
-    clip = random_video(4, 2 * t.TILE, 2 * t.TILE, 3)
     np_path = tmp_path / "clip.npy"
-    import numpy as np
-
-    np.save(np_path, clip)
+    np.save(np_path, random_video(4, 2 * t.TILE, 2 * t.TILE, 3))
     res = subprocess.run([sys.executable, "-m", "tokenprune.cli", "run", "--model", str(tmp_path / "ivl"), "--video",
                           str(np_path), "--strategy", "hiprune", "--keep", "0.25", "--json",
                           "--overlay", str(tmp_path / "v.png")], capture_output=True, text=True, timeout=300,

@@ -84,11 +84,11 @@ def test_every_strategy_the_preset_runs_is_accepted(preset, mp, models):
     assert tokenprune.get_handle(model) is None
 
 
-def test_qwen3_5_inner_methods_need_the_options():
+def test_qwen3_5_inner_methods_need_the_options(models):
     """Without its options, FastV's default K = 2 would score on a Gated-DeltaNet layer: the preset
     passes K = 4 (after the first full-attention layer, 3), as the family's error says."""
     mp = next(m for m in PRESETS["gpu"].models if m.family == "qwen3_5")
-    model = build(mp, "meta")
+    model = models(mp)
     with pytest.raises(tokenprune.ConfigError, match="layer >= 4"):
         tokenprune.apply(model, "fastv", budget=mp.budgets[0])
     assert mp.options["fastv"] == {"layer": 4}

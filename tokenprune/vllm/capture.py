@@ -22,8 +22,7 @@ Scores = dict[tuple[int, str], torch.Tensor]
 class QKCapture:
     """``projections``: layer -> the layer's ``qkv_proj`` (output ``[..., 3*H_local*d]`` or a tuple
     whose first item is); ``kinds``: layer -> reductions to compute; ``gather``: all-gather the
-    local heads of a tensor-parallel encoder (None: not sharded); ``split``: optional
-    ``q, k -> [(q_i, k_i), ...]`` per attention segment (Qwen's packed sequences)."""
+    local heads of a tensor-parallel encoder (None: not sharded)."""
 
     def __init__(self, projections: dict[int, nn.Module], kinds: dict[int, set[str]], num_heads: int,
                  scale: float, gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
@@ -49,24 +48,10 @@ class QKCapture:
         finally:
             self._box = None
 
-    def reduce(self, box: dict[int, tuple[torch.Tensor, torch.Tensor]], batched: bool = True,
-               segments: list[int] | None = None) -> Scores | list[Scores]:
-        """Reductions of the captured q/k. ``batched``: q/k are [B, N, H*d] -> (layer, kind) -> [B, N] /
-        [B, N, d]. Else q/k are packed [L, H*d] and ``segments`` their per-attention-segment lengths ->
-        one Scores per segment ([1, n] / [1, n, d])."""
-        if batched:
-            out: Scores = {}
-            for layer, (q, k) in box.items():
-                for kind, v in vision_reductions(q, k, self.num_heads, self.scale,
-                                                 self.kinds[layer]).items():
-                    out[(layer, kind)] = v
-            return out
-        assert segments is not None
-        per: list[Scores] = [{} for _ in segments]
+    def reduce(self, box: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> Scores:
+        """Reductions of the captured q/k ([B, N, H*d]) -> (layer, kind) -> [B, N] / [B, N, d]."""
+        out: Scores = {}
         for layer, (q, k) in box.items():
-            q2, k2 = q.reshape(-1, q.shape[-1]), k.reshape(-1, k.shape[-1])
-            for j, (qs, ks) in enumerate(zip(torch.split(q2, segments), torch.split(k2, segments))):
-                for kind, v in vision_reductions(qs[None], ks[None], self.num_heads, self.scale,
-                                                 self.kinds[layer]).items():
-                    per[j][(layer, kind)] = v
-        return per
+            for kind, v in vision_reductions(q, k, self.num_heads, self.scale, self.kinds[layer]).items():
+                out[(layer, kind)] = v
+        return out

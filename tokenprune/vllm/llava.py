@@ -129,7 +129,7 @@ class TokenPruneLlava(LlavaForConditionalGeneration):
             feats, scores = self._process_image_pixels(image_input), {}
         assert isinstance(feats, torch.Tensor)      # [n, P+N, Dv]: CLIP / SigLIP, fixed size
         cls_off = 1 if info.has_cls else 0
-        sc = {key: v[:, cls_off:] for key, v in scores.items()}  # type: ignore[union-attr]
+        sc = {key: v[:, cls_off:] for key, v in scores.items()}
         n = feats.shape[1]
         n_keep = setup.kept(n) - p
         llm_space = setup.spec.features == "llm"

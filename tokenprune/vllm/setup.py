@@ -20,7 +20,7 @@ import torch
 
 from ..config import PruneConfig
 from ..errors import ConfigError, IncompatibleStrategyError, UnsupportedModelError
-from ..registry import list_strategies, make_config
+from ..registry import get_strategy, list_strategies, make_config
 from ..strategies.base import Selection, StrategySpec, VisionInfo, VisualTokens
 
 KEY = "tokenprune"
@@ -40,8 +40,6 @@ class Setup:
 
 def vision_strategies() -> list[str]:
     """Strategies the vLLM plugin can run on images: fixed-budget, vision-stage, text-free."""
-    from ..registry import get_strategy
-
     out = []
     for name in list_strategies():
         s = get_strategy(name)
