@@ -199,3 +199,36 @@ def test_endpoint_on_a_video_model(tmp_path):
     assert tokens.startswith(f"{round(0.25 * n)} / {n}")
     out = compare(Runner(), None, QUESTION, "hiprune", 0.25, "", str(gif))
     assert out[:5] == ("", "", None, "", "") and "no video" in out[5]
+
+
+@pytest.mark.parametrize("family", ["qwen3_5", "internvl", "gemma3"])
+def test_endpoint_on_the_new_families(tmp_path, family):
+    """The endpoint on a tiny Qwen3.5 / InternVL / Gemma 3 (saved with the real processor): both
+    answers, the exact kept count of the slider's fraction, an overlay of the upload's size drawn from
+    the family's own geometry (InternVL: tiles + thumbnail; Gemma 3: the pooled grid); InternVL's
+    video upload goes in as frames."""
+    import importlib
+
+    from PIL import Image
+
+    pytest.importorskip(f"transformers.models.{family}", reason=f"this transformers has no {family} classes")
+    importlib.import_module(f"eval.tiny_{family}").save(tmp_path / "m")
+    runner = Runner(str(tmp_path / "m"))
+    image = Image.new("RGB", (160, 120), (200, 40, 40))
+    image.paste((20, 60, 220), (40, 30, 100, 90))
+    full, pruned, overlay, tokens, timing, msg = compare(runner, image, "what is this", "hiprune", 0.25, "")
+    assert msg == "" and isinstance(full, str) and isinstance(pruned, str)
+    n = int(tokens.split("/")[1].split()[0])
+    assert tokens.startswith(f"{round(0.25 * n)} / {n}") and n > 0
+    assert overlay is not None and "speedup" in timing
+    if family != "internvl":
+        assert overlay.size == image.size
+    else:                                   # two panels: the tiles and the thumbnail, each the upload's size
+        assert overlay.width >= 2 * image.width and overlay.height >= image.height
+        frames = [Image.new("RGB", (80, 64), (30 * i, 90, 200 - 20 * i)) for i in range(4)]
+        gif = tmp_path / "clip.gif"
+        frames[0].save(gif, save_all=True, append_images=frames[1:], duration=100)
+        full, pruned, overlay, tokens, _, msg = compare(runner, None, "what is this", "hiprune", 0.25, "", str(gif))
+        assert msg == "" and overlay is not None
+        n = int(tokens.split("/")[1].split()[0])
+        assert tokens.startswith(f"{round(0.25 * n)} / {n}")

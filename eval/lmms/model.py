@@ -128,9 +128,11 @@ class TokenPruneChat(lmms):
     @torch.no_grad()
     def _generate(self, prompts: list[tuple[str, list, dict]]) -> list[GenerationResult]:
         texts = [p[0] for p in prompts]
-        images = [im for p in prompts for im in p[1]]
+        # one list of images per prompt: the batched form every processor accepts (Gemma 3's refuses a
+        # flat list for a batch)
+        images = [list(p[1]) for p in prompts]
         gen = prompts[0][2]
-        inputs = self.processor(images=images or None, text=texts, return_tensors="pt", padding=True)
+        inputs = self.processor(images=images if any(images) else None, text=texts, return_tensors="pt", padding=True)
         inputs = to_model(inputs, self.model, self.device)
         temperature = gen.get("temperature", 0) or 0
         eos = self.tokenizer.eos_token_id
