@@ -211,3 +211,21 @@ def test_the_rss_measure_is_positive_on_cpu(tiny_run):
     (row,) = res["rows"]
     assert "peak RSS" in res["memory"]
     assert row["peak_mb"] > 0 and row["unpruned_peak_mb"] > 0 and row["ideal_peak_mb"] > 0
+
+
+def test_capture_harness_interleaves_and_writes(tmp_path):
+    """eval.bench.capture: every column timed once per round in a rotated order (warm-up rounds not
+    kept); the tiny run writes one row per batch x strategy and the one-layer reduction rows."""
+    from eval.bench.capture import _interleaved, main
+
+    calls: list[str] = []
+    fns = {n: (lambda n=n: calls.append(n)) for n in "abc"}
+    out = _interleaved(fns, "cpu", rounds=3, warmup=1)
+    assert {n: len(v) for n, v in out.items()} == {"a": 3, "b": 3, "c": 3}
+    assert calls == list("abc" "bca" "cab" "abc")
+    res = main(["--preset", "tiny", "--rounds", "2", "--out", str(tmp_path)])
+    assert [(v["batch"], v["strategy"]) for v in res["vision_rows"]] == [
+        (b, s) for b in (1, 2) for s in ("hiprune", "fopru", "visionzip")]
+    assert all(v["sdpa_ms"] > 0 and v["ours_ms"] > 0 for v in res["vision_rows"])
+    assert [r["batch"] for r in res["reduction_rows"]] == [1, 2]
+    assert "reduction / SDPA tower" in (tmp_path / "capture.md").read_text()

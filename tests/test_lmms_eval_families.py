@@ -7,7 +7,6 @@ from __future__ import annotations
 import importlib
 
 import pytest
-
 from test_lmms_eval import lmms_eval
 
 LIMIT = "6"

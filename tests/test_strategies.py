@@ -166,6 +166,22 @@ def test_vision_reductions_match_explicit_softmax():
     torch.testing.assert_close(out["keys"], k.reshape(2, 10, 3, 4).mean(2))
 
 
+@pytest.mark.parametrize("block", [7, 30, 40 * 3 * 10, 10**6])   # < one row; rows; whole samples; the batch
+def test_vision_reductions_blocks_agree(monkeypatch, block):
+    """Every block shape (a few rows of one sample ... several whole samples) sums the same received
+    attention; a block never holds more than the device's block size of softmax entries."""
+    import tokenprune.attention as att
+
+    g = torch.Generator().manual_seed(2)
+    q, k = torch.randn(5, 40, 12, generator=g), torch.randn(5, 40, 12, generator=g)
+    ref = vision_reductions(q, k, 3, 0.5, {"mean"}, chunk_rows=1)["mean"]
+    monkeypatch.setitem(att.BLOCK_FLOATS, "cpu", block)
+    samples, rows = att._blocks(5, 3, 40, q.device, None)
+    assert samples * 3 * rows * 40 <= max(block, 3 * 40)    # one row of one sample is the smallest block
+    assert (samples > 1) == (block >= 2 * 3 * 40 * 40)
+    torch.testing.assert_close(vision_reductions(q, k, 3, 0.5, {"mean"})["mean"], ref, rtol=1e-6, atol=1e-7)
+
+
 def test_last_row_attention_handles_gqa_and_masking():
     g = torch.Generator().manual_seed(1)
     q, k = torch.randn(1, 4, 1, 8, generator=g), torch.randn(1, 2, 6, 8, generator=g)

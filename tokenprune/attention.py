@@ -3,14 +3,16 @@
 Layers keep computing their outputs with their own kernel (SDPA / flash / eager). The engine
 catches the q and k projections of the few layers a strategy needs with forward hooks and
 calls these functions, which materialise softmax rows only as far as the requested reduction
-needs them, in row chunks, in float32. Pure torch.
+needs them, in blocks of samples x query rows, in float32. Pure torch.
 """
 from __future__ import annotations
 
 import torch
 
-#: rows of the softmax materialised at once (bounds memory to heads*chunk*N floats per image)
-CHUNK_ROWS = 128
+#: softmax entries materialised at once per block of (samples x query rows): 2**20 floats (4 MB) keeps a
+#: block in a CPU core's cache, which made the received-attention sum 3-4x faster than one block of
+#: rows over the whole batch (B=8, N=577, 16 heads on 2 cores); on CUDA a larger block means fewer kernels
+BLOCK_FLOATS = {"cpu": 2**20, "cuda": 2**25}
 
 
 def _heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -19,13 +21,26 @@ def _heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
     return x.reshape(b, n, n_heads, -1).transpose(1, 2).float()
 
 
+def _blocks(b: int, h: int, n: int, device: torch.device, chunk_rows: int | None) -> tuple[int, int]:
+    """(samples, query rows) per block so that samples * h * rows * n <= the device's block size."""
+    if chunk_rows is not None:
+        return 1, max(1, chunk_rows)
+    budget = BLOCK_FLOATS.get(device.type, BLOCK_FLOATS["cuda"])
+    rows = max(1, min(n, budget // (h * n)))
+    samples = max(1, min(b, budget // (h * n * rows))) if rows == n else 1
+    return samples, rows
+
+
 def vision_reductions(q: torch.Tensor, k: torch.Tensor, n_heads: int, scale: float,
-                      kinds: set[str], chunk_rows: int = CHUNK_ROWS) -> dict[str, torch.Tensor]:
+                      kinds: set[str], chunk_rows: int | None = None) -> dict[str, torch.Tensor]:
     """Reductions of softmax(q k^T * scale) for a non-causal, unmasked encoder layer.
 
     q, k: [B, N, H*d] projection outputs (before the head split).
     Returns any of: ``"cls"`` [B, N] row 0 (head mean), ``"mean"`` [B, N] attention received
     (mean over heads and all query rows), ``"keys"`` [B, N, d] head-mean keys.
+    The received-attention sum runs block by block (a few samples x a few query rows, bounded by
+    :data:`BLOCK_FLOATS`), never holding the [B, H, N, N] matrix; the block sizes follow from the
+    shapes alone (no host sync). ``chunk_rows`` fixes one sample x that many rows per block (tests).
     """
     out: dict[str, torch.Tensor] = {}
     kh = _heads(k, n_heads)
@@ -39,9 +54,12 @@ def vision_reductions(q: torch.Tensor, k: torch.Tensor, n_heads: int, scale: flo
             out["cls"] = torch.softmax((qh[:, :, :1] @ kt) * scale, dim=-1).mean(dim=1)[:, 0]
         if "mean" in kinds:
             acc = torch.zeros(b, n, dtype=torch.float32, device=q.device)
-            for start in range(0, n, chunk_rows):
-                p = torch.softmax((qh[:, :, start:start + chunk_rows] @ kt) * scale, dim=-1)
-                acc += p.sum(dim=(1, 2))
+            samples, rows = _blocks(b, h, n, q.device, chunk_rows)
+            for s0 in range(0, b, samples):
+                s1 = min(b, s0 + samples)
+                for r0 in range(0, n, rows):
+                    p = torch.softmax((qh[s0:s1, :, r0:r0 + rows] @ kt[s0:s1]) * scale, dim=-1)   # [s, H, rows, N]
+                    acc[s0:s1] += p.reshape(s1 - s0, -1, n).sum(dim=1)
             out["mean"] = acc / (h * n)
     return out
 
