@@ -69,6 +69,10 @@ def test_placeholders_match_the_towers_features(preset, mp, models):
     meta = {k: (v.to("meta", mp.dtype) if v.is_floating_point() else v) for k, v in inp.items()}
     with torch.no_grad():
         feats = _features(_vision_call(model.model, meta))
+    if mp.video_frames and family.name == "llava_onevision" and feats.shape[0] == n - 1:
+        # transformers < 5.24 appends the video's one newline in forward, after get_video_features
+        assert model.model.image_newline is not None
+        return
     assert feats.shape[0] == n
 
 

@@ -17,6 +17,7 @@ import argparse
 import base64
 import io
 import json
+import math
 import os
 import platform
 import shutil
@@ -44,7 +45,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 def save_model(preset: str, path: Path) -> tuple[Path, list[str]]:
     """Write the preset's checkpoint folder (config, processor, weights unless dummy) and return it with
     the extra server arguments it needs."""
-    from eval.tiny import build_processor, llava_config, mid_llava_config
+    from eval.tiny import build_processor, mid_llava_config
 
     if preset == "gpu":
         from eval.bench.presets import llava15_7b_config
@@ -53,10 +54,12 @@ def save_model(preset: str, path: Path) -> tuple[Path, list[str]]:
         cfg.save_pretrained(path)
         build_processor(image_size=336, patch_size=14).save_pretrained(path)
         return path, ["--load-format", "dummy"]
+    if preset == "tiny":              # the shipped tiny LLaVA (vLLM's CPU attention needs head_dim >= 32)
+        return Path(__file__).resolve().parents[2] / "assets" / "tiny-llava-vqa", []
     import torch
     from transformers import LlavaForConditionalGeneration
 
-    cfg = mid_llava_config() if preset == "cpu" else llava_config(image_size=112, patch_size=14)
+    cfg = mid_llava_config()
     torch.manual_seed(0)
     LlavaForConditionalGeneration(cfg).eval().save_pretrained(path)
     build_processor(image_size=cfg.vision_config.image_size, patch_size=14).save_pretrained(path)
@@ -91,7 +94,10 @@ class Server:
             cmd += ["--hf-overrides", json.dumps({"tokenprune": tokenprune})]
         self.log = log
         self.out = open(log, "w")
-        self.proc = subprocess.Popen(cmd, stdout=self.out, stderr=subprocess.STDOUT)
+        env = dict(os.environ)
+        if p["dtype"] == "float32":       # CPU: a fixed KV cache (GiB) instead of a share of all memory
+            env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+        self.proc = subprocess.Popen(cmd, stdout=self.out, stderr=subprocess.STDOUT, env=env)
         self.base = f"http://127.0.0.1:{self.port}"
         self.model = str(model)
 
@@ -150,7 +156,7 @@ def measure(server: Server, concurrency: int, n: int, max_tokens: int, urls: lis
     out_tok = sum(r["output_tokens"] for r in res)
     return {"concurrency": concurrency, "requests": n, "wall_s": wall, "requests_per_s": n / wall,
             "output_tokens_per_s": out_tok / wall, "output_tokens": out_tok,
-            "ttft_median_ms": 1e3 * statistics.median(ttft), "ttft_p90_ms": 1e3 * ttft[int(0.9 * (len(ttft) - 1))]}
+            "ttft_median_ms": 1e3 * statistics.median(ttft), "ttft_p90_ms": 1e3 * ttft[math.ceil(0.9 * len(ttft)) - 1]}   # nearest rank
 
 
 def machine() -> str:
@@ -171,7 +177,8 @@ def run(preset: str, out: Path, strategy: str) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="tokenprune_vllm_"))       # the checkpoint never lands in out/
     model, extra = save_model(preset, tmp / "model")
-    size = 336 if preset != "tiny" else 112
+    vc = json.loads((model / "config.json").read_text())["vision_config"]
+    size, n_visual = vc["image_size"], (vc["image_size"] // vc["patch_size"]) ** 2
     urls = [image_url(s, size) for s in range(8)]
     configs = {"unpruned": None, f"{strategy} {p['budget']}": {"strategy": strategy, "budget": p["budget"]}}
     rows = []
@@ -189,7 +196,7 @@ def run(preset: str, out: Path, strategy: str) -> dict[str, Any]:
     import vllm
 
     res = {"machine": machine(), "preset": preset, "vllm": vllm.__version__, "max_tokens": p["max_tokens"],
-           "visual_tokens": 576 if preset != "tiny" else 64, "rows": rows}
+           "visual_tokens": n_visual, "budget": p["budget"], "rows": rows}
     (out / "vllm_serve.json").write_text(json.dumps(res, indent=1))
     (out / "vllm_serve.md").write_text(to_markdown(res))
     return res
