@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One lent-GPU session (no internet there): the GPU speed preset and/or training the tiny VQA model.
-#   bash eval/gpu_session.sh bench|holitom|train|train-video|probe-video|fidelity|fidelity-video OUT_DIR
+#   bash eval/gpu_session.sh bench|holitom|vllm|train|train-video|probe-video|fidelity|fidelity-video OUT_DIR
 # Uses the machine's own torch/transformers; tokenprune is put on PYTHONPATH from a copy laid out as
 # the installed package (tokenprune/, tokenprune/patches, tokenprune/eval) so no pip is needed.
 set -uo pipefail
@@ -15,6 +15,14 @@ python3 -c "import torch, transformers, tokenprune; print('torch', torch.__versi
 case "$what" in
   bench) timeout -s TERM "${BENCH_SECONDS:-230}" python3 -m tokenprune.eval.bench.run --preset gpu --out "$out" ${BENCH_ARGS:-} 2>&1 \
            | tr '\r' '\n' | grep -v '^bench: .*it\]$' ;;
+  vllm) # the serving bench (eval/bench/vllm_serve.py): needs vllm on that machine; the plugin is found
+        # through an entry point, which the PYTHONPATH copy gets from a minimal dist-info folder
+        if ! python3 -c "import vllm" 2>/dev/null; then echo "no vllm on this machine: nothing to run"; exit 3; fi
+        di="$shim/tokenprune-0.0.0.dist-info"; mkdir -p "$di"
+        printf 'Metadata-Version: 2.1\nName: tokenprune\nVersion: 0.0.0\n' > "$di/METADATA"
+        printf '[vllm.general_plugins]\ntokenprune = tokenprune.vllm:register\n' > "$di/entry_points.txt"
+        timeout -s TERM "${BENCH_SECONDS:-540}" python3 -m tokenprune.eval.bench.vllm_serve --preset gpu --out "$out" 2>&1 \
+           | tr '\r' '\n' | grep -v 'it\]$' ;;
   holitom) timeout -s TERM "${BENCH_SECONDS:-120}" python3 -m tokenprune.eval.bench.holitom --preset gpu --out "$out" 2>&1 \
            | tr '\r' '\n' | grep -v 'it\]$' ;;
   train-video) timeout -s TERM "${TRAIN_SECONDS:-340}" python3 -m tokenprune.eval.research.train_video --device "${DEVICE:-cuda}" \

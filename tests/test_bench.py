@@ -229,3 +229,22 @@ def test_capture_harness_interleaves_and_writes(tmp_path):
     assert all(v["sdpa_ms"] > 0 and v["ours_ms"] > 0 for v in res["vision_rows"])
     assert [r["batch"] for r in res["reduction_rows"]] == [1, 2]
     assert "reduction / SDPA tower" in (tmp_path / "capture.md").read_text()
+
+
+def test_vllm_serving_bench_gpu_checkpoint_is_llava_7b_without_weights(tmp_path):
+    """The GPU preset of eval.bench.vllm_serve writes LLaVA-1.5-7B's config and a 336 px processor and
+    no weights (vLLM's --load-format dummy fills them)."""
+    import json
+
+    from eval.bench.vllm_serve import save_model
+
+    path, extra = save_model("gpu", tmp_path / "m")
+    cfg = json.loads((path / "config.json").read_text())
+    assert extra == ["--load-format", "dummy"] and not list(path.glob("*.safetensors"))
+    assert cfg["architectures"] == ["LlavaForConditionalGeneration"]
+    assert (cfg["text_config"]["hidden_size"], cfg["text_config"]["num_hidden_layers"]) == (4096, 32)
+    assert cfg["vision_config"]["image_size"] // cfg["vision_config"]["patch_size"] == 24
+    from transformers import AutoProcessor
+
+    proc = AutoProcessor.from_pretrained(path)
+    assert proc.image_processor.crop_size["height"] == 336

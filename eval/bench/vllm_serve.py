@@ -29,6 +29,7 @@ import tempfile
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
@@ -45,12 +46,13 @@ PRESETS: dict[str, dict[str, Any]] = {
 def save_model(preset: str, path: Path) -> tuple[Path, list[str]]:
     """Write the preset's checkpoint folder (config, processor, weights unless dummy) and return it with
     the extra server arguments it needs."""
-    from eval.tiny import build_processor, mid_llava_config
+    from ..tiny import build_processor, mid_llava_config
 
     if preset == "gpu":
-        from eval.bench.presets import llava15_7b_config
+        from .presets import llava15_7b_config
 
         cfg = llava15_7b_config()
+        cfg.architectures = ["LlavaForConditionalGeneration"]     # vLLM picks its model class by this
         cfg.save_pretrained(path)
         build_processor(image_size=336, patch_size=14).save_pretrained(path)
         return path, ["--load-format", "dummy"]
@@ -132,7 +134,7 @@ class Server:
         req = urllib.request.Request(self.base + "/v1/chat/completions", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})
         t0 = time.perf_counter()
-        ttft, tokens = None, 0
+        ttft, tokens, prompt = None, 0, 0
         with urllib.request.urlopen(req, timeout=1800) as r:
             for raw in r:
                 line = raw.decode().strip()
@@ -142,8 +144,9 @@ class Server:
                     ttft = time.perf_counter() - t0
                 chunk = json.loads(line[5:])
                 if chunk.get("usage"):
-                    tokens = chunk["usage"]["completion_tokens"]
-        return {"ttft_s": ttft or float("nan"), "e2e_s": time.perf_counter() - t0, "output_tokens": tokens}
+                    tokens, prompt = chunk["usage"]["completion_tokens"], chunk["usage"]["prompt_tokens"]
+        return {"ttft_s": ttft or float("nan"), "e2e_s": time.perf_counter() - t0, "output_tokens": tokens,
+                "prompt_tokens": prompt}
 
 
 def measure(server: Server, concurrency: int, n: int, max_tokens: int, urls: list[str]) -> dict[str, Any]:
@@ -155,6 +158,7 @@ def measure(server: Server, concurrency: int, n: int, max_tokens: int, urls: lis
     ttft = sorted(r["ttft_s"] for r in res)
     out_tok = sum(r["output_tokens"] for r in res)
     return {"concurrency": concurrency, "requests": n, "wall_s": wall, "requests_per_s": n / wall,
+            "prompt_tokens": sorted({r["prompt_tokens"] for r in res}),
             "output_tokens_per_s": out_tok / wall, "output_tokens": out_tok,
             "ttft_median_ms": 1e3 * statistics.median(ttft), "ttft_p90_ms": 1e3 * ttft[math.ceil(0.9 * len(ttft)) - 1]}   # nearest rank
 
@@ -181,10 +185,13 @@ def run(preset: str, out: Path, strategy: str) -> dict[str, Any]:
     size, n_visual = vc["image_size"], (vc["image_size"] // vc["patch_size"]) ** 2
     urls = [image_url(s, size) for s in range(8)]
     configs = {"unpruned": None, f"{strategy} {p['budget']}": {"strategy": strategy, "budget": p["budget"]}}
+    if not any(e.name == "tokenprune" for e in entry_points(group="vllm.general_plugins")):
+        raise SystemExit("error: tokenprune's vLLM plugin is not registered in this environment (install tokenprune "
+                         "here: pip install -e .); the pruned server would silently run unpruned")
     rows = []
     with tqdm(total=len(configs) * len(p["concurrency"]), desc="vllm serve") as bar:
         for name, tp in configs.items():
-            server = Server(model, extra, tp, p, out / f"server_{name.split()[0]}.log")
+            server = Server(model, extra, tp, p, tmp / f"server_{name.split()[0]}.log")   # tail shown on failure
             try:
                 server.wait()
                 for c, n in zip(p["concurrency"], p["requests"]):
@@ -193,6 +200,12 @@ def run(preset: str, out: Path, strategy: str) -> dict[str, Any]:
             finally:
                 server.close()
     shutil.rmtree(tmp, ignore_errors=True)
+    # the plugin was on: every pruned prompt is shorter by exactly the pruned placeholders
+    unpruned = {t for r in rows if r["config"] == "unpruned" for t in r["prompt_tokens"]}
+    pruned = {t for r in rows if r["config"] != "unpruned" for t in r["prompt_tokens"]}
+    if pruned != {t - (n_visual - p["budget"]) for t in unpruned}:
+        raise RuntimeError(f"prompt lengths {sorted(pruned)} (pruned) vs {sorted(unpruned)} (unpruned): not "
+                           f"{n_visual - p['budget']} placeholders fewer")
     import vllm
 
     res = {"machine": machine(), "preset": preset, "vllm": vllm.__version__, "max_tokens": p["max_tokens"],
