@@ -194,6 +194,9 @@ def test_the_tiny_qwen_hiprune_row_is_sane(tiny_run):
     _, res, _ = tiny_run
     assert not res["errors"] and res["sanity_failures"] == 0
     (row,) = res["rows"]
+    p = row["paired"]                                   # interleaved rounds: one per repeat
+    assert p["rounds"] == 1 and all(p[f"{k}_ms"] > 0 for k in ("unpruned", "pruned", "ideal"))
+    assert row["paired_pruned_over_ideal"] == p["pruned_ms"] / p["ideal_ms"]
     assert (row["model"], row["strategy"], row["kept"], row["tokens_in"]) == ("qwen2.5-vl-tiny", "hiprune", 8, 24)
     assert row["sanity"] == []
     asked = res["decode_tokens"]
@@ -213,16 +216,48 @@ def test_the_rss_measure_is_positive_on_cpu(tiny_run):
     assert row["peak_mb"] > 0 and row["unpruned_peak_mb"] > 0 and row["ideal_peak_mb"] > 0
 
 
-def test_capture_harness_interleaves_and_writes(tmp_path):
-    """eval.bench.capture: every column timed once per round in a rotated order (warm-up rounds not
-    kept); the tiny run writes one row per batch x strategy and the one-layer reduction rows."""
-    from eval.bench.capture import _interleaved, main
+def test_interleaved_rounds_rotate_and_warm_up_until_stable(monkeypatch):
+    """Every column once per round, the order rotated; warm-up rounds (not kept) go on until each
+    column is within 10 % of its previous round, at most max_warmup; enter / leave run around a call."""
+    import eval.bench.timing as timing
 
     calls: list[str] = []
     fns = {n: (lambda n=n: calls.append(n)) for n in "abc"}
-    out = _interleaved(fns, "cpu", rounds=3, warmup=1)
+    out = timing.interleaved(fns, "cpu", rounds=3, warmup=0)
     assert {n: len(v) for n, v in out.items()} == {"a": 3, "b": 3, "c": 3}
-    assert calls == list("abc" "bca" "cab" "abc")
+    assert calls == list("abc" "bca" "cab")
+    times = iter([5.0, 1.0, 1.05] + [2.0] * 100)            # round 0 -> 5, round 1 -> 1, round 2 -> 1.05 ...
+    per_round: list[float] = []
+
+    def fake(fn, device):
+        fn()
+        if len(calls) % 3 == 1:
+            per_round.append(next(times))
+        return per_round[-1]
+
+    monkeypatch.setattr(timing, "_one_ms", fake)
+    calls.clear()
+    timing.interleaved(fns, "cpu", rounds=2, warmup=1)
+    assert len(calls) == 3 * (3 + 2)            # rounds 0-2 warm up (2 is within 10 % of 1), then 2 kept
+    calls.clear()
+    timing.interleaved(fns, "cpu", rounds=1, warmup=1, max_warmup=4)
+    assert len(calls) == 3 * (2 + 1)            # 2.0 then 2.0: stable after two rounds
+    log: list[str] = []
+
+    class Hooked:
+        def enter(self): log.append("enter")
+        def leave(self): log.append("leave")
+        def __call__(self): log.append("call")
+
+    monkeypatch.undo()
+    timing.interleaved({"h": Hooked()}, "cpu", rounds=1, warmup=0)
+    assert log == ["enter", "call", "leave"]
+
+
+def test_capture_harness_writes(tmp_path):
+    """eval.bench.capture: the tiny run writes one row per batch x strategy and the one-layer
+    reduction rows."""
+    from eval.bench.capture import main
     res = main(["--preset", "tiny", "--rounds", "2", "--out", str(tmp_path)])
     assert [(v["batch"], v["strategy"]) for v in res["vision_rows"]] == [
         (b, s) for b in (1, 2) for s in ("hiprune", "fopru", "visionzip")]
@@ -248,3 +283,22 @@ def test_vllm_serving_bench_gpu_checkpoint_is_llava_7b_without_weights(tmp_path)
 
     proc = AutoProcessor.from_pretrained(path)
     assert proc.image_processor.crop_size["height"] == 336
+
+
+def test_a_row_whose_ideal_is_not_faster_is_listed():
+    from eval.bench.report import to_markdown
+    from eval.bench.sanity import noisy, paired_flags
+
+    row = {"model": "m", "batch": 1, "strategy": "s", "kept": 8,
+           "paired": {"unpruned_ms": 10.0, "pruned_ms": 9.0, "ideal_ms": 10.5, "rounds": 5}}
+    assert paired_flags(row) == ["ideal not faster than unpruned in the paired rounds (10.5 vs 10.0 ms)"]
+    assert paired_flags({**row, "paired": {**row["paired"], "ideal_ms": 8.0}}) == []
+    assert paired_flags({**row, "paired": {**row["paired"], "ideal_ms": 8.0, "gpu_other_processes": 2}}) == [
+        "2 other process(es) on the GPU"]
+    assert noisy(row)[-1].startswith("ideal not faster")
+    paired = {"unpruned_ms": 5.4, "pruned_ms": 6.0, "ideal_ms": 5.7, "rounds": 3}
+    res = {"machine": "m", "torch": "t", "transformers": "x", "repeats": 3, "warmup": 1, "decode_tokens": 4,
+           "rows": [sane_row(paired=paired, paired_pruned_over_unpruned=6.0 / 5.4, paired_pruned_over_ideal=6.0 / 5.7)]}
+    md = to_markdown(res)
+    assert "| 1.11, 1.053 |" in md
+    assert "- qwen2.5-vl-tiny bs=1 hiprune kept=8: ideal not faster than unpruned in the paired rounds (5.7 vs 5.4 ms)" in md

@@ -5,7 +5,7 @@ received-attention sum of one layer) against one layer's SDPA attention at that 
 
     python -m eval.bench.capture --preset cpu --out eval/results/capture_cpu
 
-Columns are timed in interleaved rounds (see :func:`_interleaved`). Writes ``capture.json`` and ``capture.md`` (machine named).
+Columns are timed in interleaved rounds (:func:`eval.bench.timing.interleaved`). Writes ``capture.json`` and ``capture.md`` (machine named).
 Goal: ``ours`` ≤ 1.10 × SDPA at batch 8."""
 from __future__ import annotations
 
@@ -19,59 +19,20 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-import tokenprune
 from tokenprune.api import family_for
 from tokenprune.attention import vision_reductions
 
 from .presets import PRESETS, build
-from .run import _inputs, machine
-from .timing import time_samples
+from .run import Patched, _inputs, machine
+from .timing import interleaved
 
 STRATEGIES = ("hiprune", "fopru", "visionzip")
-
-
-def _interleaved(fns: dict[str, Callable[[], Any]], device: str, rounds: int, warmup: int) -> dict[str, list[float]]:
-    """ms of each callable, measured in ``rounds`` rounds that call every one of them once, in an order
-    rotated per round: a slow spell of the machine (other tenants, clock changes) hits all alike."""
-    names = list(fns)
-    out: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(warmup + rounds):
-        for n in names[r % len(names):] + names[:r % len(names)]:
-            enter, leave = getattr(fns[n], "enter", None), getattr(fns[n], "leave", None)
-            if enter is not None:
-                enter()                         # untimed: e.g. installing the strategy's hooks
-            try:
-                t = time_samples(fns[n], device, 1, 0)[0]
-            finally:
-                if leave is not None:
-                    leave()
-            if r >= warmup:
-                out[n].append(t)
-    return out
 
 
 def _row(samples: dict[str, list[float]], base: str, other: str) -> dict[str, Any]:
     b, o = statistics.median(samples[base]), statistics.median(samples[other])
     return {f"{base}_ms": b, f"{other}_ms": o, f"{base}_range": [min(samples[base]), max(samples[base])],
             f"{other}_range": [min(samples[other]), max(samples[other])], "overhead": o / b - 1}
-
-
-class _Patched:
-    """``fn`` with ``strategy`` applied: :func:`_interleaved` calls ``enter`` / ``leave`` around the
-    timed call (installing and removing the hooks is not timed)."""
-
-    def __init__(self, model: Any, strategy: str, budget: int, fn: Callable[[], Any]) -> None:
-        self.model, self.strategy, self.budget, self.fn = model, strategy, budget, fn
-        self.handle: Any = None
-
-    def enter(self) -> None:
-        self.handle = tokenprune.apply(self.model, self.strategy, budget=self.budget)
-
-    def leave(self) -> None:
-        self.handle.remove()
-
-    def __call__(self) -> Any:
-        return self.fn()
 
 
 def run(preset: str, device: str, batches: tuple[int, ...], rounds: int | None) -> dict[str, Any]:
@@ -87,8 +48,8 @@ def run(preset: str, device: str, batches: tuple[int, ...], rounds: int | None) 
             px = _inputs(mp, model, family, batch, device)["pixel_values"]
             plain = lambda px=px: core.get_image_features(pixel_values=px)  # noqa: E731
             fns: dict[str, Callable[[], Any]] = {"sdpa": plain}
-            fns.update({s: _Patched(model, s, mp.budgets[0], plain) for s in STRATEGIES})
-            samples = _interleaved(fns, device, rounds, bp.warmup)
+            fns.update({s: Patched(model, s, {"budget": mp.budgets[0]}, plain) for s in STRATEGIES})
+            samples = interleaved(fns, device, rounds, bp.warmup)
             for s in STRATEGIES:
                 row = _row(samples, "sdpa", s)
                 vision_rows.append({"batch": batch, "strategy": s, "kept": mp.budgets[0], "sdpa_ms": row["sdpa_ms"],
@@ -100,7 +61,7 @@ def run(preset: str, device: str, batches: tuple[int, ...], rounds: int | None) 
             q, k = (torch.randn(batch, n, vc.hidden_size, generator=g).to(device) for _ in range(2))
             qh, kh = (x.reshape(batch, n, heads, -1).transpose(1, 2) for x in (q, k))
             scale = (vc.hidden_size // heads) ** -0.5
-            red = _interleaved({"sdpa_attention": lambda qh=qh, kh=kh: F.scaled_dot_product_attention(qh, kh, kh),
+            red = interleaved({"sdpa_attention": lambda qh=qh, kh=kh: F.scaled_dot_product_attention(qh, kh, kh),
                                 "reduction": lambda q=q, k=k, h=heads, sc=scale: vision_reductions(q, k, h, sc, {"mean"})},
                                device, rounds, bp.warmup)
             row = _row(red, "sdpa_attention", "reduction")

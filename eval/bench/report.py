@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .sanity import NOISY_OTHERS, NOISY_SPREAD
+from .sanity import NOISY_OTHERS, NOISY_SPREAD, paired_flags
 
 
 def _f(x: Any, nd: int = 1) -> str:
@@ -40,7 +40,10 @@ def _header(res: dict[str, Any]) -> list[str]:
                     "the kept visual tokens. *overhead* = (pruned − ideal) / unpruned TTFT. ⚠ = the row fails a "
                     "sanity check (listed below the tables): its numbers are not to be trusted. ≈ = noisy: other processes used "
                     f"≥ {100 * NOISY_OTHERS:.0f}% of the CPUs while it was measured, or a TTFT's repeats spread over "
-                    f"{NOISY_SPREAD:.0f}x (reasons in the JSON, `noisy`).", ""]
+                    f"{NOISY_SPREAD:.0f}x (reasons in the JSON, `noisy`). *paired* = the same three TTFTs timed "
+                    "again in interleaved rounds (each round runs unpruned, pruned and ideal once, order rotated; "
+                    "warm-up until stable): the ratios to trust on a busy machine; rows whose ideal is not faster "
+                    "than unpruned there are listed below the table.", ""]
 
 
 def _row(r: dict[str, Any]) -> str:
@@ -48,11 +51,17 @@ def _row(r: dict[str, Any]) -> str:
            if "decode_tok_s" in r else "–")
     return (f"| {_name(r)} | {r['batch']} | {r['strategy']} | {r['kept']}/{r['tokens_in']} | {_med(r, 'ttft_ms')} | "
             f"{_med(r, 'unpruned_ttft_ms')} | {_med(r, 'ideal_ttft_ms')} | {_f(r['pruned_over_unpruned'], 2)} | "
-            f"{_f(r['pruned_over_ideal'], 3)} | {100 * r['overhead_share']:.1f}% | "
+            f"{_f(r['pruned_over_ideal'], 3)} | {_paired(r)} | {100 * r['overhead_share']:.1f}% | "
             f"{_f(r['vision_ms'])} / {_f(r['unpruned_vision_ms'])} | {_f(r['prune_ms'], 2)} | "
             f"{_f(r['llm_ms'])} / {_f(r['unpruned_llm_ms'])} | {dec} | {_f(r['peak_mb'], 0)} / "
             f"{_f(r['unpruned_peak_mb'], 0)} | {_f(r['kv_mb'], 1)} / {_f(r['unpruned_kv_mb'], 1)} | "
             f"{_f(r['flops_ratio'], 2)} |")
+
+
+def _paired(r: dict[str, Any]) -> str:
+    if "paired_pruned_over_unpruned" not in r:
+        return "–"                                   # results written before the paired rounds
+    return f"{_f(r['paired_pruned_over_unpruned'], 2)}, {_f(r['paired_pruned_over_ideal'], 3)}"
 
 
 def _flagged(res: dict[str, Any]) -> list[str]:
@@ -69,10 +78,15 @@ def _flagged(res: dict[str, Any]) -> list[str]:
 def to_markdown(res: dict[str, Any]) -> str:
     lines = [*_header(res),
              "| model | bs | strategy | kept/in | TTFT ms pruned | unpruned | ideal | pruned/unpruned | "
-             "pruned/ideal | overhead | vision ms (patched / plain) | prune ms | LLM ms (pruned / unpruned) | "
-             "decode tok/s (pruned / unpruned) | peak MB (pruned / unpruned) | KV MB | FLOPs |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+             "pruned/ideal | paired: pruned/unpruned, pruned/ideal | overhead | vision ms (patched / plain) | prune ms | "
+             "LLM ms (pruned / unpruned) | decode tok/s (pruned / unpruned) | peak MB (pruned / unpruned) | KV MB | FLOPs |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
              *[_row(r) for r in res["rows"]]]
+    unsure = [r for r in res["rows"] if paired_flags(r)]
+    if unsure:
+        lines += ["", "Rows whose paired rounds cannot separate the configurations (their ratios mean nothing):", "",
+                  *[f"- {r['model']} bs={r['batch']} {r['strategy']} kept={r['kept']}: {'; '.join(paired_flags(r))}"
+                    for r in unsure]]
     n_noisy = sum(bool(r.get("noisy")) for r in res["rows"])
     if n_noisy:
         lines += ["", f"≈ {n_noisy} of {len(res['rows'])} rows noisy (why: `noisy` in the JSON)."]

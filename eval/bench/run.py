@@ -32,7 +32,7 @@ import time
 import traceback
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -45,7 +45,19 @@ from tokenprune.sequence import output_cache
 from .presets import PRESETS, BenchPreset, ModelPreset, build
 from .reference import eager_copy, official_select
 from .sanity import check_row, check_vision_row, noisy
-from .timing import OtherWork, TokenClock, cache_mb, decode_samples, peak_mb, peak_method, time_ms, time_samples
+from .timing import (
+    OtherWork,
+    TokenClock,
+    cache_mb,
+    decode_samples,
+    gpu_other_processes,
+    interleaved,
+    paired_stats,
+    peak_mb,
+    peak_method,
+    time_ms,
+    time_samples,
+)
 
 
 class _LMTimer:
@@ -137,6 +149,78 @@ def _vision_call(core: Any, inputs: dict[str, torch.Tensor]) -> Any:
         return core.get_video_features(inputs["pixel_values_videos"])   # kwarg renamed in 5.2x
     return core.get_image_features(**{k: inputs[k] for k in ("pixel_values", "image_grid_thw", "image_sizes")
                                       if k in inputs})
+
+
+class Patched:
+    """``fn`` run with ``strategy`` applied: :func:`~eval.bench.timing.interleaved` calls ``enter`` /
+    ``leave`` around the timed call, so installing and removing the hooks is not timed."""
+
+    def __init__(self, model: Any, strategy: str, params: dict[str, Any], fn: Callable[[], Any]) -> None:
+        self.model, self.strategy, self.params, self.fn = model, strategy, params, fn
+        self.handle: Any = None
+
+    def enter(self) -> None:
+        self.handle = tokenprune.apply(self.model, self.strategy, **self.params)
+
+    def leave(self) -> None:
+        self.handle.remove()
+
+    def __call__(self) -> Any:
+        return self.fn()
+
+
+class _SlicedIdeal:
+    """The unpatched model with a pre-hook on its language model that keeps only ``keep`` [B, L] by
+    plain indexing (Qwen: M-RoPE positions and DeepStack sliced alike); hooked between ``enter`` and
+    ``leave`` only."""
+
+    def __init__(self, model: Any, inputs: dict[str, torch.Tensor], keep: torch.Tensor) -> None:
+        self.model, self.inputs, self.keep = model, inputs, keep
+        b = keep.shape[0]
+        self.idx = torch.nonzero(keep)[:, 1].reshape(b, -1)
+        self.hook: Any = None
+
+    def _pre(self, mod: Any, args: tuple, kw: dict[str, Any]) -> tuple:
+        idx, keep = self.idx, self.keep
+        new = dict(kw)
+        new["inputs_embeds"] = torch.gather(kw["inputs_embeds"], 1, idx[..., None].expand(-1, -1, kw["inputs_embeds"].shape[-1]))
+        pos = kw.get("position_ids")
+        if pos is not None:
+            new["position_ids"] = torch.gather(pos, -1, idx.expand(*pos.shape[:-2], -1, -1))
+        if kw.get("attention_mask") is not None:
+            new["attention_mask"] = torch.gather(kw["attention_mask"], 1, idx)
+        vpm = kw.get("visual_pos_masks")
+        if vpm is not None:
+            rows = keep[vpm]
+            new["visual_pos_masks"] = torch.gather(vpm, 1, idx)
+            new["deepstack_visual_embeds"] = [e[rows] for e in kw["deepstack_visual_embeds"]]
+        return args, new
+
+    def enter(self) -> None:
+        self.hook = self.model.model.language_model.register_forward_pre_hook(self._pre, with_kwargs=True)
+
+    def leave(self) -> None:
+        self.hook.remove()
+
+    def __call__(self, use_cache: bool = False) -> Any:
+        return self.model(**self.inputs, logits_to_keep=1, use_cache=use_cache)
+
+
+def _hand_ideal(model: Any, family: Any, inputs: dict[str, torch.Tensor], keep: torch.Tensor) -> Callable[[], Any]:
+    """The ideal forward of LLaVA images built by hand: tower, projector, the embeddings with the
+    features written in, then only the kept rows (``keep`` [B, L]) through the LLM, compact positions."""
+    core, ids = model.model, inputs["input_ids"]
+    b = ids.shape[0]
+    mask_kept = torch.ones(b, int(keep[0].sum()), dtype=torch.long, device=ids.device)
+
+    def forward() -> Any:
+        feats = _features(core.get_image_features(pixel_values=inputs["pixel_values"]))
+        emb = core.get_input_embeddings()(ids)
+        emb = emb.masked_scatter((ids == family.image_token_id)[..., None], feats.to(emb.dtype))
+        hidden = core.language_model(inputs_embeds=emb[keep].reshape(b, -1, emb.shape[-1]),
+                                     attention_mask=mask_kept, use_cache=False).last_hidden_state
+        return model.lm_head(hidden[:, -1:])
+    return forward
 
 
 class Bench:
@@ -242,6 +326,11 @@ class Bench:
                 # what selecting costs: the extra time of the patched vision pass (+ FastV's inner
                 # scoring, inside llm_ms) relative to the unpruned time to first token
                 row["overhead_share"] = (row["ttft_ms"] - ideal["ttft_ms"]) / base["ttft_ms"]
+                p = self.paired(model, family, inputs, emb_full, kept, tok, name,
+                                {"budget": budget, **mp.options.get(name, {})})
+                row["paired"] = p
+                row["paired_pruned_over_unpruned"] = p["pruned_ms"] / p["unpruned_ms"]
+                row["paired_pruned_over_ideal"] = p["pruned_ms"] / p["ideal_ms"]
                 self.rows.append(_checked(row, check_row(row, self.bp.decode_tokens), noisy(row)))
                 bar.update()
 
@@ -259,14 +348,7 @@ class Bench:
         b = ids.shape[0]
         emb_kept = emb_full[keep].reshape(b, -1, emb_full.shape[-1])
         mask_kept = torch.ones(emb_kept.shape[:2], dtype=torch.long, device=ids.device)
-
-        def forward() -> Any:
-            feats = _features(core.get_image_features(pixel_values=inputs["pixel_values"]))
-            emb = core.get_input_embeddings()(ids)
-            emb = emb.masked_scatter((ids == family.image_token_id)[..., None], feats.to(emb.dtype))
-            hidden = core.language_model(inputs_embeds=emb[keep].reshape(b, -1, emb.shape[-1]),
-                                         attention_mask=mask_kept, use_cache=False).last_hidden_state
-            return model.lm_head(hidden[:, -1:])
+        forward = _hand_ideal(model, family, inputs, keep)
 
         def llm() -> Any:
             return core.language_model(inputs_embeds=emb_kept, attention_mask=mask_kept, use_cache=False)
@@ -277,38 +359,34 @@ class Bench:
         return {**res, "others_cpu": others.share}
 
     @torch.no_grad()
+    def paired(self, model: Any, family: Any, inputs: dict[str, torch.Tensor], emb_full: torch.Tensor | None,
+               kept: list[list[torch.Tensor]], token_id: int, strategy: str, params: dict[str, Any]) -> dict[str, Any]:
+        """TTFT of unpruned / pruned / ideal in interleaved rounds (:func:`interleaved`): the ratios a
+        slow spell of the machine cannot bend; the median, range and rounds of each."""
+        def unpruned() -> Any:
+            return model(**inputs, logits_to_keep=1, use_cache=False)
+
+        keep = _kept_mask(inputs["input_ids"], token_id, kept)
+        ideal = _SlicedIdeal(model, inputs, keep) if emb_full is None else _hand_ideal(model, family, inputs, keep)
+        fns = {"unpruned": unpruned, "pruned": Patched(model, strategy, params, unpruned), "ideal": ideal}
+        out = paired_stats(interleaved(fns, self.device, self.bp.repeats, self.bp.warmup))
+        others = gpu_other_processes()
+        if others is not None:
+            out["gpu_other_processes"] = others
+        return out
+
+    @torch.no_grad()
     def ideal_sliced(self, model: Any, inputs: dict[str, torch.Tensor], keep: torch.Tensor) -> dict[str, Any]:
         """Ideal for families whose LLM inputs the model builds itself (Qwen: M-RoPE positions,
-        DeepStack): the unpatched model with a pre-hook on its language model that keeps only
-        ``keep`` by plain indexing (no scoring); the kept tokens keep their original positions."""
-        core = model.model
-        b = keep.shape[0]
-        idx = torch.nonzero(keep)[:, 1].reshape(b, -1)
-
-        def pre(mod: Any, args: tuple, kw: dict[str, Any]) -> tuple:
-            new = dict(kw)
-            new["inputs_embeds"] = torch.gather(kw["inputs_embeds"], 1,
-                                                idx[..., None].expand(-1, -1, kw["inputs_embeds"].shape[-1]))
-            pos = kw.get("position_ids")
-            if pos is not None:
-                new["position_ids"] = torch.gather(pos, -1, idx.expand(*pos.shape[:-2], -1, -1))
-            if kw.get("attention_mask") is not None:
-                new["attention_mask"] = torch.gather(kw["attention_mask"], 1, idx)
-            vpm = kw.get("visual_pos_masks")
-            if vpm is not None:
-                rows = keep[vpm]
-                new["visual_pos_masks"] = torch.gather(vpm, 1, idx)
-                new["deepstack_visual_embeds"] = [e[rows] for e in kw["deepstack_visual_embeds"]]
-            return args, new
-        h = core.language_model.register_forward_pre_hook(pre, with_kwargs=True)
+        DeepStack): see :class:`_SlicedIdeal`; the kept tokens keep their original positions."""
+        ideal = _SlicedIdeal(model, inputs, keep)
+        ideal.enter()
         try:
-            def forward() -> Any:
-                return model(**inputs, logits_to_keep=1, use_cache=False)
-            out = self.prefill(core.language_model, forward)
-            out["peak_mb"] = peak_mb(forward, self.device)
-            out["kv_mb"] = cache_mb(output_cache(model(**inputs, logits_to_keep=1, use_cache=True)))
+            out = self.prefill(model.model.language_model, ideal)
+            out["peak_mb"] = peak_mb(ideal, self.device)
+            out["kv_mb"] = cache_mb(output_cache(ideal(use_cache=True)))
         finally:
-            h.remove()
+            ideal.leave()
         return out
 
     # -- vision: SDPA vs our capture vs official-style eager + output_attentions -----------------

@@ -80,4 +80,20 @@ def noisy(row: dict[str, Any]) -> list[str]:
         lo_hi = row.get(f"{p}ttft_ms_range")
         if lo_hi and lo_hi[0] > 0 and lo_hi[1] / lo_hi[0] > NOISY_SPREAD:
             out.append(f"{p}ttft_ms repeats {lo_hi[0]:.1f}-{lo_hi[1]:.1f} ms")
+    out += paired_flags(row)
+    return out
+
+
+def paired_flags(row: dict[str, Any]) -> list[str]:
+    """Why the interleaved rounds (``row["paired"]``) cannot be trusted: the ideal — the same LLM fed
+    fewer tokens, no scoring — was not faster than the unpruned model (the timings cannot tell the
+    two apart, so no ratio of this row means anything), or other processes shared the GPU."""
+    p = row.get("paired")
+    if not p:
+        return []
+    out = []
+    if p["ideal_ms"] >= p["unpruned_ms"]:
+        out.append(f"ideal not faster than unpruned in the paired rounds ({p['ideal_ms']:.1f} vs {p['unpruned_ms']:.1f} ms)")
+    if p.get("gpu_other_processes"):
+        out.append(f"{p['gpu_other_processes']} other process(es) on the GPU")
     return out

@@ -60,6 +60,72 @@ def time_ms(fn: Callable[[], Any], device: str, repeats: int, warmup: int) -> fl
     return statistics.median(time_samples(fn, device, repeats, warmup))
 
 
+# -- interleaved rounds ------------------------------------------------------------------------
+#: a warm-up round is "stable" when every column's time is within this share of its previous round's
+STABLE = 0.10
+
+
+def interleaved(fns: dict[str, Callable[[], Any]], device: str, rounds: int, warmup: int = 1,
+                max_warmup: int = 8) -> dict[str, list[float]]:
+    """ms of each callable over ``rounds`` rounds that call every one once, in an order rotated per
+    round, so that a slow spell of the machine (other tenants, clocks, a busy card) hits all columns
+    alike and their ratio survives it. Warm-up: at least ``warmup`` rounds, then more (up to
+    ``max_warmup``) until every column is within :data:`STABLE` of its previous round. A callable
+    with ``enter()`` / ``leave()`` gets them called around its timed call, untimed (e.g. installing
+    a strategy's hooks)."""
+    names = list(fns)
+
+    def one_round(r: int) -> dict[str, float]:
+        out = {}
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            enter, leave = getattr(fns[n], "enter", None), getattr(fns[n], "leave", None)
+            if enter is not None:
+                enter()
+            try:
+                with no_gc():
+                    out[n] = _one_ms(fns[n], device)
+            finally:
+                if leave is not None:
+                    leave()
+        return out
+
+    prev, r = None, 0
+    while warmup > 0 and r < max(warmup, max_warmup):
+        cur = one_round(r)
+        r += 1
+        if r >= warmup and prev is not None and all(abs(cur[n] - prev[n]) <= STABLE * prev[n] for n in names):
+            break
+        prev = cur
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    for i in range(rounds):
+        for n, t in one_round(r + i).items():
+            samples[n].append(t)
+    return samples
+
+
+def paired_stats(samples: dict[str, list[float]]) -> dict[str, Any]:
+    """``{name}_ms`` (median) and ``{name}_ms_range`` ([min, max]) of each column of :func:`interleaved`."""
+    out: dict[str, Any] = {"rounds": len(next(iter(samples.values())))}
+    for n, v in samples.items():
+        out[f"{n}_ms"], out[f"{n}_ms_range"] = statistics.median(v), [min(v), max(v)]
+    return out
+
+
+def gpu_other_processes() -> int | None:
+    """Compute processes on the card other than this one (``nvidia-smi``); None off CUDA or where
+    nvidia-smi is missing. A benchmark sharing its card measures the other job too."""
+    if not torch.cuda.is_available():
+        return None
+    import subprocess
+
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return sum(1 for line in out.split() if line.strip().isdigit() and int(line) != os.getpid())
+
+
 # -- other work on the machine -------------------------------------------------------------------
 def _cpu_seconds() -> tuple[float, float, float] | None:
     """(wall clock, CPU seconds the whole machine was busy or stolen by the hypervisor, this process's
