@@ -23,7 +23,6 @@ import contextvars
 import copy
 import logging
 import threading
-import time
 import warnings
 import weakref
 from functools import partial
@@ -38,7 +37,7 @@ from .errors import ConfigError, TokenPruneError, TokenPruneWarning, Unsupported
 from .family import Family, ImageLayout, Unit
 from .inner import Q_SIGNALS, QK_SIGNALS, InnerStage
 from .sequence import cache_of, left_packed_index, output_cache, padding_mask, seq_len, split_budget, take, take_positions, true_positions
-from .state import CallState, Continuation, Encoded, ImageSel, LabelsCall, PruneRecord, Span, VisionCall
+from .state import CallState, Continuation, Encoded, ImageSel, LabelsCall, PruneRecord, Span, VisionCall, clock
 from .stats import PruneStats, layer_flops
 from .strategies.base import Selection, StrategySpec, VisualTokens
 
@@ -572,10 +571,10 @@ class PruneHandle:
         state = self._vision.get()
         if state is None:
             return
-        t0 = time.perf_counter()
+        t0 = clock()
         for kind, value in compute().items():
             state.scores[(layer, kind)] = value
-        state.seconds += time.perf_counter() - t0
+        state.seconds += clock() - t0
 
     # -- vision stage: score in the encoder, select at the projector input --------------------
     def _vision_pre(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
@@ -623,11 +622,11 @@ class PruneHandle:
         self._vision.set(None)
         if state is None:
             return
-        t0 = time.perf_counter()
+        t0 = clock()
         flat, layouts = self.family.vision_layout(output, state.scores, state.meta, per_frame=self.vs.unit == "frame")
         state.scores.clear()
         outputs = self.family.image_outputs(output, layouts, state.meta)
-        state.seconds += time.perf_counter() - t0
+        state.seconds += clock() - t0
         encoded = self._encoded()
         with self._lock:
             self._seq += 1
@@ -663,10 +662,10 @@ class PruneHandle:
         return images[0]
 
     def _remember(self, state: VisionCall, output: torch.Tensor) -> None:
-        t0 = time.perf_counter()
+        t0 = clock()
         assert state.layouts is not None and state.images is not None
         outputs = self.family.image_outputs(output, state.layouts, state.meta)
-        state.seconds += time.perf_counter() - t0
+        state.seconds += clock() - t0
         encoded = self._encoded()
         with self._lock:
             self._seq += 1
@@ -677,12 +676,12 @@ class PruneHandle:
     def _select(self, state: VisionCall, x: torch.Tensor) -> torch.Tensor | None:
         """Select in every unit of every image of one pass; returns the tensor with merged
         features written in (None when no strategy merged)."""
-        t0 = time.perf_counter()
+        t0 = clock()
         flat, layouts = self.family.vision_layout(x, state.scores, state.meta, per_frame=self.vs.unit == "frame")
         state.scores.clear()
         state.images, merged = self._select_layouts(flat, layouts)
         state.layouts = layouts
-        state.seconds += time.perf_counter() - t0
+        state.seconds += clock() - t0
         return None if merged is None else self.family.vision_restore(merged, x, state.meta)
 
     def _select_layouts(self, flat: torch.Tensor, layouts: list[ImageLayout],
@@ -782,7 +781,7 @@ class PruneHandle:
         """Families whose placeholder layout is built after the projector (LLaVA-NeXT /
         OneVision: packed crops, unpadding, newline tokens): the family maps the encoder's scores
         onto the placeholder runs; selection runs on the LLM-input embeddings there."""
-        t0 = time.perf_counter()
+        t0 = clock()
         fam = self.family
         encoded = self._encoded()
         raws: dict[str, list[Any]] = {}
@@ -833,7 +832,7 @@ class PruneHandle:
         for i, sp in enumerate(state.spans):
             if sp.modality == "image" and self.vs.images == "keep":   # a video method: images pass whole
                 images[i] = ImageSel(keep=torch.ones_like(images[i].keep), fixed=images[i].fixed)
-        state.seconds += time.perf_counter() - t0
+        state.seconds += clock() - t0
         return images, (embeds if merged is None else merged.reshape(b, length, d))
 
     def _encoded(self) -> list[Encoded]:
@@ -925,7 +924,7 @@ class PruneHandle:
         if state.stats is not None and state.stats._filled:
             state.stats.prune_ms = state.seconds * 1000.0
             self._local.stats = state.stats
-            if log.isEnabledFor(logging.DEBUG):
+            if not torch.compiler.is_compiling() and log.isEnabledFor(logging.DEBUG):   # dynamo cannot trace a logger
                 st = state.stats.resolve()
                 log.debug("%s kept %s of %s visual tokens per row%s in %.2f ms; kept indices %s", st.strategy,
                           st.visual_tokens_kept, st.visual_tokens_in,
@@ -934,7 +933,7 @@ class PruneHandle:
             state.stats = None
 
     def _prune_inputs(self, state: CallState, kwargs: dict[str, Any]) -> dict[str, Any]:
-        t0 = time.perf_counter()
+        t0 = clock()
         visual = state.visual
         assert visual is not None
         embeds = kwargs["inputs_embeds"]
@@ -971,7 +970,7 @@ class PruneHandle:
         padded = max(drops) != min(drops)
         self._fill_flops(state, length, width, b)
         if max(drops) == 0:
-            state.seconds += time.perf_counter() - t0
+            state.seconds += clock() - t0
             return kwargs
         idx = left_packed_index(keep, width)
         new = dict(kwargs)
@@ -997,7 +996,7 @@ class PruneHandle:
         off = state.pending.offset
         if state.ids is not None and state.ids.shape[1] == length and off > 0:
             state.pending.tail = state.ids[:, -off:]
-        state.seconds += time.perf_counter() - t0
+        state.seconds += clock() - t0
         return new
 
     def _decode_inputs(self, rec: PruneRecord, kwargs: dict[str, Any], cache: Any,

@@ -16,7 +16,6 @@ layer K_s-1, :meth:`layer_pre` on the layers >= K_0). Per-call progress is an
 """
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -25,7 +24,7 @@ from torch import nn
 from .attention import last_row_attention, rows_attention
 from .errors import UnsupportedCallError
 from .sequence import cache_of, left_packed_index, mask_keys, min_value, seq_len, take, take_positions
-from .state import CallState, InnerCut, InnerPass, PruneRecord, Span
+from .state import CallState, InnerCut, InnerPass, PruneRecord, Span, clock
 from .stats import StageStats
 from .strategies.base import LLMTokens, Selection
 
@@ -334,9 +333,9 @@ class InnerStage:
             return None
         fv = state.inner
         if fv is not None and not fv.chosen and layer == self.layers[fv.stage]:
-            t0 = time.perf_counter()
+            t0 = clock()
             self.select(state, args[0] if args else kwargs["hidden_states"])
-            state.seconds += time.perf_counter() - t0
+            state.seconds += clock() - t0
         rec = state.record
         if rec is None or not rec.cuts:
             return None
@@ -344,7 +343,7 @@ class InnerStage:
         if i < 0:
             return None
         cut = rec.cuts[i]
-        t0 = time.perf_counter()
+        t0 = clock()
         new = dict(kwargs)
         if fv is not None and rec.cuts is fv.cuts:       # this call's prefill
             if i >= fv.applied:           # the first layer of the cut: later layers get its output
@@ -369,7 +368,7 @@ class InnerStage:
         else:
             hidden = args[0] if args else kwargs["hidden_states"]
             new["attention_mask"] = self._inner_mask_decode(state, rec, cut, i, kwargs, hidden.shape[1])
-        state.seconds += time.perf_counter() - t0
+        state.seconds += clock() - t0
         return args, new
 
     def applies(self, sp: Span) -> bool:

@@ -3,6 +3,7 @@ vision call selected, the placeholder spans of a forward call, and the record of
 kept that every decode step of that generation needs."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -10,6 +11,12 @@ import torch
 
 from .family import ImageLayout
 from .stats import PruneStats
+
+
+def clock() -> float:
+    """Seconds for the stats' ``prune_ms`` (``perf_counter``); 0 while ``torch.compile`` traces the
+    hooks, where a host clock would break the graph and would time the tracing, not the run."""
+    return 0.0 if torch.compiler.is_compiling() else time.perf_counter()
 
 
 @dataclass
