@@ -11,6 +11,8 @@ from tokenprune.eval.synthetic.fidelity import DEFAULT_MODEL, load, run
 
 N = 200
 TOL = 3 / N
+#: accuracies are float32 means: 89 of 100 is 0.88999999, below 0.92 - 0.03 in float64 by rounding alone
+EPS = 1e-6
 #: measured 2026-11-27 (CPU, torch 2.14.1, transformers 5.24.0) on the shipped model of that day
 #: (continued 45 min on the CPU with object-centred dropout masks): accuracy, object recall
 FLOORS = {
@@ -44,7 +46,7 @@ def test_loads_offline_from_assets():
 
 @pytest.mark.slow
 def test_unpruned_accuracy(result):
-    assert result["unpruned"] >= UNPRUNED - TOL
+    assert result["unpruned"] >= UNPRUNED - TOL - EPS
     assert result["unpruned_by_type"]["color"] >= 0.95
 
 
@@ -53,7 +55,7 @@ def test_unpruned_accuracy(result):
 def test_regression_floor(result, key):
     row = next(r for r in result["rows"] if (r["strategy"], r["keep"]) == key)
     acc, recall = FLOORS[key]
-    assert row["accuracy"] >= acc - TOL, row
+    assert row["accuracy"] >= acc - TOL - EPS, row
     assert row["object_recall"] >= recall - 0.01, row
     assert row["kept"] == {0.333: 85, 0.111: 28}[key[1]]
 

@@ -11,6 +11,8 @@ from tokenprune.eval.synthetic.fidelity_video import FLOORS_N as N
 from tokenprune.eval.synthetic.fidelity_video import default_model, load, run
 
 TOL = 3 / N
+#: accuracies are float32 means: 89 of 100 is 0.88999999, below 0.92 - 0.03 in float64 by rounding alone
+EPS = 1e-6
 #: measured 2026-11-27 (CPU, torch 2.14.1, transformers 5.24.0; the video model started from the
 #: image model): accuracy, event recall
 FLOORS: dict[tuple[str, float], tuple[float, float]] = {
@@ -46,7 +48,7 @@ def test_loads_offline_from_assets():
 
 @pytest.mark.slow
 def test_unpruned_accuracy(result):
-    assert result["unpruned"] >= UNPRUNED - TOL
+    assert result["unpruned"] >= UNPRUNED - TOL - EPS
     assert result["unpruned_by_type"]["turns"] >= 0.9 and result["unpruned_by_type"]["appears"] >= 0.9
 
 
@@ -55,7 +57,7 @@ def test_unpruned_accuracy(result):
 def test_regression_floor(result, key):
     row = next(r for r in result["rows"] if (r["strategy"], r["keep"]) == key)
     acc, recall = FLOORS[key]
-    assert row["accuracy"] >= acc - TOL, row
+    assert row["accuracy"] >= acc - TOL - EPS, row
     assert row["event_recall"] >= recall - 0.02, row
     assert row["kept"] == {0.333: 170, 0.111: 57}[key[1]]
 
