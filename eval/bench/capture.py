@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,15 +23,9 @@ from tokenprune.attention import vision_reductions
 
 from .presets import PRESETS, build
 from .run import Patched, _inputs, machine
-from .timing import interleaved
+from .timing import interleaved, paired_stats
 
 STRATEGIES = ("hiprune", "fopru", "visionzip")
-
-
-def _row(samples: dict[str, list[float]], base: str, other: str) -> dict[str, Any]:
-    b, o = statistics.median(samples[base]), statistics.median(samples[other])
-    return {f"{base}_ms": b, f"{other}_ms": o, f"{base}_range": [min(samples[base]), max(samples[base])],
-            f"{other}_range": [min(samples[other]), max(samples[other])], "overhead": o / b - 1}
 
 
 def run(preset: str, device: str, batches: tuple[int, ...], rounds: int | None) -> dict[str, Any]:
@@ -49,12 +42,11 @@ def run(preset: str, device: str, batches: tuple[int, ...], rounds: int | None) 
             plain = lambda px=px: core.get_image_features(pixel_values=px)  # noqa: E731
             fns: dict[str, Callable[[], Any]] = {"sdpa": plain}
             fns.update({s: Patched(model, s, {"budget": mp.budgets[0]}, plain) for s in STRATEGIES})
-            samples = interleaved(fns, device, rounds, bp.warmup)
+            st = paired_stats(interleaved(fns, device, rounds, bp.warmup))
             for s in STRATEGIES:
-                row = _row(samples, "sdpa", s)
-                vision_rows.append({"batch": batch, "strategy": s, "kept": mp.budgets[0], "sdpa_ms": row["sdpa_ms"],
-                                    "ours_ms": row[f"{s}_ms"], "sdpa_range": row["sdpa_range"],
-                                    "ours_range": row[f"{s}_range"], "ours_overhead": row["overhead"]})
+                vision_rows.append({"batch": batch, "strategy": s, "kept": mp.budgets[0], "sdpa_ms": st["sdpa_ms"],
+                                    "ours_ms": st[f"{s}_ms"], "sdpa_range": st["sdpa_ms_range"],
+                                    "ours_range": st[f"{s}_ms_range"], "ours_overhead": st[f"{s}_ms"] / st["sdpa_ms"] - 1})
             # one layer's reduction vs that layer's SDPA attention, same shapes
             g = torch.Generator(device="cpu").manual_seed(0)
             n, heads = (vc.image_size // vc.patch_size) ** 2 + 1, vc.num_attention_heads
@@ -64,8 +56,11 @@ def run(preset: str, device: str, batches: tuple[int, ...], rounds: int | None) 
             red = interleaved({"sdpa_attention": lambda qh=qh, kh=kh: F.scaled_dot_product_attention(qh, kh, kh),
                                 "reduction": lambda q=q, k=k, h=heads, sc=scale: vision_reductions(q, k, h, sc, {"mean"})},
                                device, rounds, bp.warmup)
-            row = _row(red, "sdpa_attention", "reduction")
-            reductions.append({"batch": batch, "tokens": n, "heads": heads, **row})
+            st = paired_stats(red)
+            reductions.append({"batch": batch, "tokens": n, "heads": heads, "sdpa_attention_ms": st["sdpa_attention_ms"],
+                               "reduction_ms": st["reduction_ms"], "sdpa_attention_range": st["sdpa_attention_ms_range"],
+                               "reduction_range": st["reduction_ms_range"],
+                               "overhead": st["reduction_ms"] / st["sdpa_attention_ms"] - 1})
     return {"machine": machine(device), "device": device, "torch": torch.__version__, "model": mp.name,
             "rounds": rounds, "warmup": bp.warmup, "vision_rows": vision_rows, "reduction_rows": reductions}
 

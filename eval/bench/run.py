@@ -22,7 +22,6 @@ how many of the official-style kept tokens we keep too.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import platform
 import signal
@@ -52,6 +51,7 @@ from .timing import (
     decode_samples,
     gpu_other_processes,
     interleaved,
+    median_range,
     paired_stats,
     peak_mb,
     peak_method,
@@ -125,13 +125,6 @@ def _kept_mask(ids: torch.Tensor, token_id: int, kept: list[list[torch.Tensor]])
         pos = torch.nonzero(~keep[b]).flatten()
         keep[b, pos[kept[b][0].to(pos.device)]] = True
     return keep
-
-
-def _stats(key: str, samples: list[float]) -> dict[str, Any]:
-    """``{key: median, key_range: [min, max]}`` (nan where a sample is: it fails the sanity rules)."""
-    if any(math.isnan(x) for x in samples):
-        return {key: float("nan"), f"{key}_range": [float("nan")] * 2}
-    return {key: statistics.median(samples), f"{key}_range": [min(samples), max(samples)]}
 
 
 def _checked(row: dict[str, Any], broken: list[str], spread: list[str]) -> dict[str, Any]:
@@ -242,7 +235,7 @@ class Bench:
 
     def stats(self, key: str, fn: Any) -> dict[str, Any]:
         """``{key: median ms, key_range: [min, max]}`` of the preset's repeats of ``fn``."""
-        return _stats(key, time_samples(fn, self.device, self.bp.repeats, self.bp.warmup))
+        return median_range(key, time_samples(fn, self.device, self.bp.repeats, self.bp.warmup))
 
     def prefill(self, lm: torch.nn.Module, forward: Any) -> dict[str, Any]:
         """TTFT of ``forward`` (median, range) and the median time of ``lm`` inside it, both over the
@@ -251,7 +244,7 @@ class Bench:
             forward()
         timer = _LMTimer(lm, self.device)
         try:
-            out = _stats("ttft_ms", time_samples(forward, self.device, self.bp.repeats, 0))
+            out = median_range("ttft_ms", time_samples(forward, self.device, self.bp.repeats, 0))
             out["llm_ms"] = timer.median_ms()
         finally:
             timer.close()
@@ -260,7 +253,7 @@ class Bench:
     def decode(self, generate: Any, prompt_len: int, batch: int) -> dict[str, Any]:
         """Decode tok/s (median, range) of greedy ``generate`` calls and the new tokens of each."""
         rates, new = decode_samples(generate, prompt_len, batch, max(3, self.bp.repeats // 2), self.bp.warmup)
-        return {**_stats("decode_tok_s", rates), "decode_new_tokens": new}
+        return {**median_range("decode_tok_s", rates), "decode_new_tokens": new}
 
     # -- one (model, batch): unpruned, ideal per budget, every strategy per budget ---------------
     @torch.no_grad()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
+import math
 import os
 import re
 import statistics
@@ -103,11 +104,18 @@ def interleaved(fns: dict[str, Callable[[], Any]], device: str, rounds: int, war
     return samples
 
 
+def median_range(key: str, samples: list[float]) -> dict[str, Any]:
+    """``{key: median, key_range: [min, max]}`` (nan where a sample is: it fails the sanity rules)."""
+    if any(math.isnan(x) for x in samples):
+        return {key: float("nan"), f"{key}_range": [float("nan")] * 2}
+    return {key: statistics.median(samples), f"{key}_range": [min(samples), max(samples)]}
+
+
 def paired_stats(samples: dict[str, list[float]]) -> dict[str, Any]:
-    """``{name}_ms`` (median) and ``{name}_ms_range`` ([min, max]) of each column of :func:`interleaved`."""
+    """:func:`median_range` of each column of :func:`interleaved` (``{name}_ms``, ``{name}_ms_range``)."""
     out: dict[str, Any] = {"rounds": len(next(iter(samples.values())))}
     for n, v in samples.items():
-        out[f"{n}_ms"], out[f"{n}_ms_range"] = statistics.median(v), [min(v), max(v)]
+        out.update(median_range(f"{n}_ms", v))
     return out
 
 
