@@ -6,12 +6,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,17 +17,6 @@ CONFIG = {"strategy": "hiprune", "budget": 64}
 N_TOKENS = 256                      # the shipped LLaVA's visual tokens per image
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _get(url: str, timeout: float = 5) -> int:
-    with urllib.request.urlopen(url, timeout=timeout) as r:
-        return r.status
-
-
 def _post(url: str, body: dict, timeout: float = 300) -> dict:
     req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=timeout) as r:
@@ -42,36 +25,18 @@ def _post(url: str, body: dict, timeout: float = 300) -> dict:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    port = _free_port()
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(LLAVA),
-           "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "512",
-           "--enforce-eager", "--max-num-seqs", "8", "--limit-mm-per-prompt", json.dumps({"image": 1}),
-           "--no-enable-prefix-caching", "--mm-processor-cache-gb", "0", "--seed", "0",
-           "--hf-overrides", json.dumps({"tokenprune": CONFIG})]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ))
-    base = f"http://127.0.0.1:{port}"
+    from eval.bench.vllm_serve import Server
+
+    srv = Server(LLAVA, ["--enforce-eager"], CONFIG, {"dtype": "float32", "max_model_len": 512, "concurrency": (8,)},
+                 tmp_path_factory.mktemp("server") / "server.log")
     try:
-        deadline = time.time() + 420
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"the server exited ({proc.returncode}):\n{log.read_text()[-4000:]}")
-            try:
-                if _get(base + "/health") == 200:
-                    break
-            except (urllib.error.URLError, ConnectionError, OSError):
-                pass
-            if time.time() > deadline:
-                pytest.fail(f"the server did not come up in 420 s:\n{log.read_text()[-4000:]}")
-            time.sleep(2)
-        yield base
-    finally:
-        proc.terminate()
         try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+            srv.wait(timeout=420)
+        except RuntimeError as e:                       # the server exited or never came up: its log's tail
+            pytest.fail(str(e))
+        yield srv.base
+    finally:
+        srv.close()
 
 
 def _chat(base: str, image: Path, question: str) -> dict:
