@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tokenprune.attention import vision_reductions
+from tokenprune.attention import segment_reductions
 from tokenprune.errors import UnsupportedCallError, UnsupportedModelError
 from tokenprune.family import Family, ImageLayout, ScratchFn, StoreFn, Unit
 from tokenprune.registry import register_family
@@ -44,6 +44,16 @@ from .llava import DecoderLLM
 
 #: HiPrune's Qwen2.5-VL object layer (1-based) for a 32-block tower
 PAPER_OBJECT_LAYER, PAPER_DEPTH = 16, 32
+
+
+def object_layer(depth: int, full_blocks: list[int] | None = None) -> int:
+    """1-based default object layer (HiPrune): the paper's 16 of 32, scaled to the depth; for a
+    window-attention tower (Qwen2.5-VL) the full-attention block nearest to it (block 15, 0-based,
+    in the real model), since windowed blocks only see their window."""
+    if not full_blocks:
+        return max(1, round(PAPER_OBJECT_LAYER * depth / PAPER_DEPTH))
+    target = PAPER_OBJECT_LAYER * depth / PAPER_DEPTH - 1
+    return min(full_blocks, key=lambda i: (abs(i - target), i)) + 1
 
 
 @register_family
@@ -87,8 +97,7 @@ class QwenVLFamily(DecoderLLM, Family):
         self._rotary_vision = importlib.import_module(self.modeling).apply_rotary_pos_emb_vision
 
     def _object_layer(self, depth: int) -> int:
-        """1-based default object layer (HiPrune): the paper's 16 of 32, scaled to the depth."""
-        return max(1, round(PAPER_OBJECT_LAYER * depth / PAPER_DEPTH))
+        return object_layer(depth)
 
     @property
     def tokens_per_image(self) -> int | None:
@@ -136,13 +145,7 @@ class QwenVLFamily(DecoderLLM, Family):
         q, k, _ = qkv.reshape(s, 3, heads, -1).unbind(1)          # [S, H, d]
         if rope is not None:
             q, k = self._rotary_vision(q, k, rope[0], rope[1])
-        bounds = cu.tolist()
-        parts: dict[str, list[torch.Tensor]] = {kind: [] for kind in kinds}
-        for a, b in zip(bounds[:-1], bounds[1:]):
-            red = vision_reductions(q[a:b].reshape(1, b - a, -1), k[a:b].reshape(1, b - a, -1), heads, scale, kinds)
-            for kind, v in red.items():
-                parts[kind].append(v[0])
-        return {kind: torch.cat(v) for kind, v in parts.items()}
+        return segment_reductions(q.reshape(s, -1), k.reshape(s, -1), cu.tolist(), heads, scale, kinds)
 
     def vision_begin(self, args: tuple, kwargs: dict[str, Any]) -> Any:
         grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
@@ -289,13 +292,7 @@ class Qwen25VLFamily(QwenVLFamily):
     windowed = True
 
     def _object_layer(self, depth: int) -> int:
-        """The full-attention block nearest to the paper's 16-of-32 (block 15, 0-based, in the
-        real model), 1-based; windowed blocks only see their window."""
-        full = list(getattr(self.model.model.visual, "fullatt_block_indexes", []) or [])
-        target = PAPER_OBJECT_LAYER * depth / PAPER_DEPTH - 1
-        if not full:
-            return super()._object_layer(depth)
-        return min(full, key=lambda i: (abs(i - target), i)) + 1
+        return object_layer(depth, list(getattr(self.model.model.visual, "fullatt_block_indexes", []) or []))
 
 
 @register_family

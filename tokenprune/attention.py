@@ -64,6 +64,22 @@ def vision_reductions(q: torch.Tensor, k: torch.Tensor, n_heads: int, scale: flo
     return out
 
 
+def segment_reductions(q: torch.Tensor, k: torch.Tensor, bounds: list[int], n_heads: int, scale: float,
+                       kinds: set[str]) -> dict[str, torch.Tensor]:
+    """:func:`vision_reductions` of a packed encoder (Qwen-VL: every image, frame or window is one
+    segment of a flat sequence that attends only within itself).
+
+    q, k: [S, H*d] (rotary already applied); ``bounds``: the segments' cumulative starts
+    ``[0, s1, ..., S]`` (the encoder's ``cu_seqlens``). Returns per-row [S] / [S, d] reductions,
+    each computed within its segment."""
+    parts: dict[str, list[torch.Tensor]] = {kind: [] for kind in kinds}
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        red = vision_reductions(q[None, a:b], k[None, a:b], n_heads, scale, kinds)
+        for kind, v in red.items():
+            parts[kind].append(v[0])
+    return {kind: torch.cat(v) for kind, v in parts.items()}
+
+
 def last_row_attention(q_last: torch.Tensor, k: torch.Tensor, scaling: float,
                        key_valid: torch.Tensor) -> torch.Tensor:
     """Head-mean softmax row of one query per sample (e.g. the last prompt token).

@@ -79,7 +79,7 @@ def test_unsupported_architecture_is_refused_with_the_supported_list():
     from tokenprune.vllm import verify
 
     cfg = SimpleNamespace(model_config=SimpleNamespace(
-        architecture="Qwen2_5_VLForConditionalGeneration",
+        architecture="Gemma3ForConditionalGeneration",
         hf_config=SimpleNamespace(tokenprune={"strategy": "hiprune", "budget": 64})))
     with pytest.raises(UnsupportedModelError, match="LlavaForConditionalGeneration"):
         verify(cfg)

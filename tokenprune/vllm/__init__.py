@@ -20,6 +20,7 @@ from typing import Any
 #: architecture -> "module:class" of the plugin's subclass
 ARCHITECTURES = {
     "LlavaForConditionalGeneration": "tokenprune.vllm.llava:TokenPruneLlava",
+    "Qwen2_5_VLForConditionalGeneration": "tokenprune.vllm.qwen:TokenPruneQwen25VL",
 }
 _DONE = {"registered": False}
 
@@ -52,6 +53,11 @@ def verify(vllm_config: Any) -> None:
         from .llava import llava_setup
 
         llava_setup(hf)
+    elif arch == "Qwen2_5_VLForConditionalGeneration":
+        from .qwen import gate, qwen_setup
+
+        qwen_setup(hf)
+        gate(vllm_config)
     else:
         check_family(tuple(ARCHITECTURES), str(arch))
 
