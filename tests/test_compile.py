@@ -57,30 +57,37 @@ def test_the_clock_is_zero_while_compiling():
     assert traced(torch.zeros(1)).item() == 0.0
 
 
-@pytest.mark.skipif(not NEWEST, reason="counted on transformers 5.24 (its own breaks differ by version)")
-@pytest.mark.parametrize("strategy", sorted(ADDED_BREAKS))
-def test_graph_breaks_added_are_counted(strategy):
-    """The causes of the graph breaks the hooks add (dynamo's reasons, by file), after a warm-up
-    trace (a fresh model's first trace has one-time extra breaks)."""
+def _reasons(model, inputs):
+    """Dynamo's graph-break causes (reason, file) of one traced forward, from a reset."""
     from collections import Counter
 
+    torch._dynamo.reset()
+    with torch.no_grad():
+        e = torch._dynamo.explain(model)(**inputs, use_cache=False)
+    return Counter((str(b.reason).splitlines()[0][:40], b.user_stack[-1].filename.rsplit("/", 1)[-1])
+                   for b in e.break_reasons if b.user_stack)
+
+
+@pytest.fixture(scope="module")
+def unpatched_breaks():
+    """One model and its unpatched breaks, after a warm-up trace (a fresh model's first trace
+    has one-time extra breaks), shared by the strategies below."""
     model, inputs = build_llava(seed=0), _inputs()
+    _reasons(model, inputs)
+    return model, inputs, _reasons(model, inputs)
 
-    def reasons() -> Counter:
-        torch._dynamo.reset()
-        with torch.no_grad():
-            e = torch._dynamo.explain(model)(**inputs, use_cache=False)
-        return Counter((str(b.reason).splitlines()[0][:40], b.user_stack[-1].filename.rsplit("/", 1)[-1])
-                       for b in e.break_reasons if b.user_stack)
 
-    reasons()
-    plain = reasons()
+@pytest.mark.skipif(not NEWEST, reason="counted on transformers 5.24 (its own breaks differ by version)")
+@pytest.mark.parametrize("strategy", sorted(ADDED_BREAKS))
+def test_graph_breaks_added_are_counted(strategy, unpatched_breaks):
+    """The causes of the graph breaks the hooks add (dynamo's reasons, by file), after a warm-up trace."""
+    model, inputs, plain = unpatched_breaks
     h = tokenprune.apply(model, strategy, budget=16)
     try:
-        reasons()
-        added = reasons() - plain
+        _reasons(model, inputs)
+        added = _reasons(model, inputs) - plain
     finally:
         h.remove()
         torch._dynamo.reset()
     assert {f"{r} @ {f}": n for (r, f), n in added.items()} == ADDED_BREAKS[strategy]
-    assert reasons() == plain                           # remove() leaves nothing dynamo sees
+    assert _reasons(model, inputs) == plain             # remove() leaves nothing dynamo sees
