@@ -98,10 +98,7 @@ class TokenPruneLlava(LlavaForConditionalGeneration):
             return
         info, self._prefix, _ = vision_facts(self.config)
         self._info = info
-        assert self.tokenprune.spec.requests is not None
-        kinds: dict[int, set[str]] = {}
-        for r in self.tokenprune.spec.requests(self.tokenprune.config, info):
-            kinds.setdefault(r.layer, set()).add(r.kind)
+        kinds = self.tokenprune.kinds(info)
         layers = self.vision_tower.vision_model.encoder.layers
         attn = layers[0].self_attn
         gather = None

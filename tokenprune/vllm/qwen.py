@@ -200,10 +200,7 @@ class TokenPruneQwen25VL(Qwen2_5_VLForConditionalGeneration):
                               "check opens; this engine was configured without it")
         self._evs = rate != GATE_RATE
         self._info = vision_info(self.config)
-        assert self.tokenprune.spec.requests is not None
-        kinds: dict[int, set[str]] = {}
-        for r in self.tokenprune.spec.requests(self.tokenprune.config, self._info):
-            kinds.setdefault(r.layer, set()).add(r.kind)
+        kinds = self.tokenprune.kinds(self._info)
         if kinds:
             self._capture = Qwen25Capture(self.visual.blocks, kinds)
 

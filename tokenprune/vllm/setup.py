@@ -37,6 +37,14 @@ class Setup:
         """Placeholders an image of ``n_tokens`` visual tokens keeps (ConfigError past the budget)."""
         return self.config.tokens_for(n_tokens)
 
+    def kinds(self, info: VisionInfo) -> dict[int, set[str]]:
+        """Vision layer -> the reductions the strategy scores there (what the capture hooks)."""
+        assert self.spec.requests is not None
+        out: dict[int, set[str]] = {}
+        for r in self.spec.requests(self.config, info):
+            out.setdefault(r.layer, set()).add(r.kind)
+        return out
+
 
 def vision_strategies() -> list[str]:
     """Strategies the vLLM plugin can run on images: fixed-budget, vision-stage, text-free."""
